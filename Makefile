@@ -1,0 +1,36 @@
+# flowscore: two commands on a fresh clone, `make test` and `make demo`.
+# Each creates .venv when missing and (re)installs the project when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: test demo lint typecheck pytest install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check flowcore pipelines jobs tests
+	$(BIN)/ruff format --check flowcore pipelines jobs tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy flowcore
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(BIN)/flowscore demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""Flow configurations: frozen dataclasses validated on construction, JSON round-trippable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .base import Flow
+from .bnaf import build_bnaf
+from .coupling import build_coupling
+from .maf import build_maf
+
+__all__ = ["MAFConfig", "BNAFConfig", "CouplingConfig", "FlowConfig", "FLOW_TYPES", "build_flow"]
+
+
+def _positive(obj: object, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class MAFConfig:
+    """MAF: ``blocks`` MADEs × ``layers`` hidden layers of ``hidden`` ReLU units, batch norm
+    between MADEs."""
+
+    type: str = field(default="maf", init=False)
+    blocks: int = 5
+    hidden: int = 100
+    layers: int = 1
+    batch_norm: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "blocks", "hidden", "layers")
+
+
+@dataclass(frozen=True)
+class BNAFConfig:
+    """BNAF: ``flows`` transforms of ``hidden_layers`` tanh layers of ``hidden_factor``·D units."""
+
+    type: str = field(default="bnaf", init=False)
+    flows: int = 6
+    hidden_factor: int = 12
+    hidden_layers: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "flows", "hidden_factor", "hidden_layers")
+
+
+@dataclass(frozen=True)
+class CouplingConfig:
+    """Affine coupling: ``blocks`` Glow-style blocks, subnet MLP ``hidden`` widths, soft clamp
+    α = ``clamp``."""
+
+    type: str = field(default="coupling", init=False)
+    blocks: int = 8
+    hidden: tuple[int, ...] = (256, 256)
+    clamp: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "blocks")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        if any(h < 1 for h in self.hidden):
+            raise ValueError(f"CouplingConfig.hidden widths must be >= 1, got {self.hidden}")
+        if not self.clamp > 0:
+            raise ValueError(f"CouplingConfig.clamp must be > 0, got {self.clamp}")
+
+
+FlowConfig = MAFConfig | BNAFConfig | CouplingConfig
+
+FLOW_TYPES: dict[str, type[MAFConfig] | type[BNAFConfig] | type[CouplingConfig]] = {
+    "maf": MAFConfig,
+    "bnaf": BNAFConfig,
+    "coupling": CouplingConfig,
+}
+
+
+def flow_config_to_dict(cfg: FlowConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    if "hidden" in d and isinstance(d["hidden"], tuple):
+        d["hidden"] = list(d["hidden"])
+    return d
+
+
+def flow_config_from_dict(d: dict[str, Any], where: str = "flow") -> FlowConfig:
+    """Parse a flow config; errors name ``where`` and the offending key."""
+    d = dict(d)
+    kind = d.pop("type", None)
+    if kind not in FLOW_TYPES:
+        raise ValueError(f"{where}.type must be one of {sorted(FLOW_TYPES)}, got {kind!r}")
+    cls = FLOW_TYPES[kind]
+    allowed = {f.name for f in fields(cls) if f.init}
+    for key in d:
+        if key not in allowed:
+            raise ValueError(f"{where}: unknown key {key!r} for flow type {kind!r}")
+    return cls(**d)
+
+
+def build_flow(features: int, cfg: FlowConfig) -> Flow:
+    """Build the density model for D = ``features`` from a config."""
+    if features < 1:
+        raise ValueError("features must be >= 1")
+    if isinstance(cfg, MAFConfig):
+        t = build_maf(
+            features,
+            blocks=cfg.blocks,
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            batch_norm=cfg.batch_norm,
+            seed=cfg.seed,
+        )
+    elif isinstance(cfg, BNAFConfig):
+        t = build_bnaf(
+            features,
+            flows=cfg.flows,
+            hidden_factor=cfg.hidden_factor,
+            hidden_layers=cfg.hidden_layers,
+            seed=cfg.seed,
+        )
+    else:
+        t = build_coupling(
+            features, blocks=cfg.blocks, hidden=cfg.hidden, clamp=cfg.clamp, seed=cfg.seed
+        )
+    return Flow(t, features)

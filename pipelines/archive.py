@@ -1,0 +1,626 @@
+"""Archive I/O: list the images of an archive, read their bytes, decode them robustly.
+
+An *archive* is any tree of images under a local directory (a plain path or a ``file://``
+URI) or an S3 prefix (``s3://bucket/prefix``; ``AWS_ENDPOINT_URL`` selects an S3-compatible
+store). See "Archive layout" in DESIGN.md. The rules implemented here:
+
+* Images are files whose name ends in one of :data:`IMAGE_EXTENSIONS`, in any case. The file
+  extension only selects what is listed; :func:`decode_image` sniffs the content (a PNG
+  named ``.jpg`` decodes as a PNG).
+* A file is skipped when any component of its path *relative to the archive root* (a
+  directory or the file name) starts with ``_`` or ``.`` (ground truth, tool files). The
+  components of the root itself are not checked.
+* Directory segments ``key=value`` become string columns, in path order. Only keys that look
+  like identifiers (``[A-Za-z][A-Za-z0-9_]*``) count; a key repeated deeper overrides the
+  shallower value.
+* ``image_uri`` is canonical and absolute: ``s3://bucket/key`` or ``file:///abs/path``
+  (no percent-encoding, like fsspec). ``etag`` is the S3 ETag without quotes, or locally
+  ``f"{size}-{mtime_ns}"``, so rewriting a file changes it.
+* All timestamps (``ArchiveEntry.mtime``, ``DecodedImage.exif_datetime``,
+  :func:`captured_at`) are **naive datetimes in UTC**. EXIF times carry an offset only when
+  the camera wrote ``OffsetTime*``; without one they are taken as UTC, and so are
+  timestamps found in file names.
+
+Decoding (:func:`decode_image`) never lets a bad file escape as anything but
+:class:`DecodeError`, whose ``stage``/``error_type``/``message`` fill one ``scoring_errors``
+row (Promise 1). Every mode Pillow opens is converted to 8-bit RGB; see
+:func:`decode_image` for the conversion rules (16-bit is scaled by 1/256, alpha is
+composited onto black).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "IMAGE_EXTENSIONS",
+    "ArchiveEntry",
+    "ArchiveError",
+    "DecodeError",
+    "DecodedImage",
+    "captured_at",
+    "decode_image",
+    "is_image_path",
+    "list_archive",
+    "open_archive",
+    "parse_columns",
+    "read_bytes",
+    "timestamp_from_name",
+]
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+"""File name endings listed as images (compared case-insensitively)."""
+
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "TIFF", "BMP", "WEBP")
+"""Pillow decoders :func:`decode_image` may use; anything else (GIF, PSD, ...) is an error."""
+
+_MESSAGE_LIMIT = 500
+_EPOCH = datetime(1970, 1, 1)
+_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_BYTESIO_RE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+# EXIF tags
+_EXIF_IFD = 0x8769
+_TAG_DATETIME = 306
+_TAG_DATETIME_ORIGINAL = 36867
+_TAG_OFFSET_TIME = 36880
+_TAG_OFFSET_TIME_ORIGINAL = 36881
+_TAG_SUBSEC_TIME = 37520
+_TAG_SUBSEC_TIME_ORIGINAL = 37521
+
+_EXIF_DT_RE = re.compile(r"^\s*(\d{4})[:\-/](\d{2})[:\-/](\d{2})[ T](\d{2}):(\d{2}):(\d{2})")
+_OFFSET_RE = re.compile(r"^\s*([+-])(\d{2}):?(\d{2})")
+# YYYYmmddTHHMMSS, YYYYmmdd_HHMMSS, YYYY-mm-dd_HH-MM-SS, YYYYmmddHHMMSS, YYYY-mm-ddTHH:MM:SS ...
+_NAME_TS_RE = re.compile(
+    r"(?<!\d)(?P<Y>(?:19|20)\d{2})(?P<ds>[-_.]?)(?P<m>\d{2})(?P=ds)(?P<d>\d{2})"
+    r"[Tt_\- ]?"
+    r"(?P<H>\d{2})(?P<ts>[-_.:]?)(?P<M>\d{2})(?P=ts)(?P<S>\d{2})(?!\d)"
+)
+
+# Exceptions that mean "this file is bad" (the set Pillow's own fuzzing treats as such).
+_BAD_FILE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,
+    ValueError,
+    MemoryError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+    EOFError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,  # only raised when a warnings filter says "error"
+)
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+# Per-file read failures that become a scoring_errors row (stage "read"); anything else
+# (network, throttling, credentials) propagates so the caller can retry or stop the run.
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+class ArchiveError(ValueError):
+    """The archive URI is unusable: missing, not a directory, unknown scheme, no bucket."""
+
+
+class DecodeError(Exception):
+    """One image could not be read or decoded; maps onto one ``scoring_errors`` row.
+
+    Attributes:
+        stage: ``"read"`` (the bytes could not be fetched) or ``"decode"``.
+        error_type: the original exception's class name (``"OSError"``,
+            ``"UnidentifiedImageError"``, ...) or one of ``"EmptyFile"``, ``"EmptyImage"``,
+            ``"DecompressionBombError"``.
+        message: human-readable detail, at most 500 characters.
+    """
+
+    def __init__(self, stage: str, error_type: str, message: str) -> None:
+        self.stage = stage
+        self.error_type = error_type
+        self.message = _shorten(message)
+        super().__init__(f"{stage}: {error_type}: {self.message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*self.args); ours has a different signature (Ray ships
+        # exceptions between processes).
+        return (type(self), (self.stage, self.error_type, self.message))
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    """One image of an archive, as listed (nothing read yet).
+
+    Attributes:
+        image_uri: canonical absolute URI (``s3://bucket/key`` or ``file:///abs/path``).
+        etag: S3 ETag without quotes, or ``f"{size}-{mtime_ns}"`` for local files.
+        size: size in bytes.
+        mtime: last modification, naive UTC (``None`` if the store did not say).
+        path: path relative to the archive root, with forward slashes.
+        columns: ``key=value`` segments of the directory part of ``path``, in order.
+    """
+
+    image_uri: str
+    etag: str
+    size: int
+    mtime: datetime | None
+    path: str
+    columns: dict[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """A decoded image: ``rgb`` is H×W×3 ``uint8``, C-contiguous, after EXIF orientation.
+
+    ``exif_datetime`` is EXIF DateTimeOriginal (else DateTime) as naive UTC, or ``None``.
+    """
+
+    rgb: np.ndarray
+    width: int
+    height: int
+    exif_datetime: datetime | None
+
+
+# --------------------------------------------------------------------------------------------
+# Filesystems and URIs
+
+
+def _shorten(text: str, limit: int = _MESSAGE_LIMIT) -> str:
+    text = _BYTESIO_RE.sub("<bytes>", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _s3_filesystem() -> fsspec.AbstractFileSystem:
+    """An s3fs filesystem; ``AWS_ENDPOINT_URL`` (if set) selects the endpoint.
+
+    fsspec caches instances by their arguments, so repeated calls share one client.
+    """
+    import s3fs  # imported lazily: aiobotocore is slow to import
+
+    kwargs: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    fs: fsspec.AbstractFileSystem = s3fs.S3FileSystem(**kwargs)
+    return fs
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """``(scheme, path)``: ``("s3", "bucket/prefix")`` or ``("file", "/abs/path")``."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ArchiveError(f"archive URI must be a non-empty string, got {uri!r}")
+    uri = uri.strip()
+    lowered = uri.lower()
+    if lowered.startswith("s3://"):
+        path = uri[5:].strip("/")
+        if not path:
+            raise ArchiveError(f"{uri!r}: S3 URI has no bucket (expected s3://bucket/prefix)")
+        return "s3", path
+    if lowered.startswith("file://"):
+        rest = uri[7:]
+        if rest.startswith("localhost/"):
+            rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            raise ArchiveError(f"{uri!r}: file URIs must be absolute (file:///abs/path)")
+        return "file", os.path.abspath(rest)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", uri):
+        scheme = uri.split("://", 1)[0]
+        raise ArchiveError(f"{uri!r}: unsupported scheme {scheme!r} (use a path or s3://)")
+    return "file", os.path.abspath(os.path.expanduser(uri))
+
+
+def _local_uri(abs_path: str) -> str:
+    return "file://" + abs_path.replace(os.sep, "/")
+
+
+def open_archive(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Open an archive root and check that it exists and is a directory.
+
+    Args:
+        uri: a local path, a ``file://`` URI, or ``s3://bucket[/prefix]``.
+
+    Returns:
+        ``(fs, root)`` where ``root`` is the path inside ``fs`` (``/abs/dir`` locally,
+        ``bucket/prefix`` on S3, no trailing slash).
+
+    Raises:
+        ArchiveError: the path does not exist, is not a directory, the bucket is missing,
+            or the scheme is not supported. The message names the URI.
+    """
+    scheme, path = _split_uri(uri)
+    if scheme == "file":
+        fs = fsspec.filesystem("file")
+        if not os.path.exists(path):
+            raise ArchiveError(f"archive {uri!r} does not exist (looked for {path})")
+        if not os.path.isdir(path):
+            raise ArchiveError(f"archive {uri!r} is not a directory ({path})")
+        return fs, path
+    fs = _s3_filesystem()
+    bucket = path.split("/", 1)[0]
+    fs.invalidate_cache(path)
+    if not fs.exists(bucket):
+        raise ArchiveError(f"archive {uri!r}: bucket {bucket!r} does not exist")
+    if path != bucket:
+        if fs.isfile(path):
+            raise ArchiveError(f"archive {uri!r} is an object, not a prefix (directory)")
+        if not fs.isdir(path):
+            raise ArchiveError(f"archive {uri!r} does not exist (no objects under the prefix)")
+    return fs, path
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole file given by an ``image_uri`` (or any path/``file://``/``s3://`` URI).
+
+    Raises:
+        DecodeError: ``stage="read"`` when the file itself is unreadable: missing (e.g.
+            deleted since listing), a directory, or access denied.
+        Exception: other failures (network, throttling, credentials) propagate unchanged,
+            so the caller can retry them or end the run.
+    """
+    try:
+        scheme, path = _split_uri(uri)
+    except ArchiveError as e:
+        raise DecodeError("read", "ArchiveError", str(e)) from e
+    try:
+        if scheme == "file":
+            with open(path, "rb") as f:
+                return f.read()
+        data = _s3_filesystem().cat_file(path)
+        return bytes(data)
+    except _READ_ERRORS as e:
+        raise DecodeError("read", type(e).__name__, f"{uri}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+
+
+def is_image_path(path: str) -> bool:
+    """True for a relative path an archive lists as an image (extension, no ``_``/``.``)."""
+    parts = path.split("/")
+    if any(not p or p[0] in "_." for p in parts):
+        return False
+    return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
+
+
+def parse_columns(path: str) -> dict[str, str]:
+    """The ``key=value`` directory segments of a relative path (the file name is ignored)."""
+    columns: dict[str, str] = {}
+    for segment in path.split("/")[:-1]:
+        key, sep, value = segment.partition("=")
+        if sep and _KEY_RE.fullmatch(key):
+            columns[key] = value
+    return columns
+
+
+def _from_epoch_ns(ns: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def _naive_utc(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+    if isinstance(value, int | float):
+        return _from_epoch_ns(int(value * 1e9))
+    return None
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int, int]]:
+    """``(relative path, size, mtime_ns)`` for every candidate image under ``root``.
+
+    Prunes ``_``/``.`` directories without entering them. Symlinked directories are
+    followed, each real directory at most once (no cycles); broken links are skipped.
+    """
+    root_stat = os.stat(root)
+    seen: set[tuple[int, int]] = {(root_stat.st_dev, root_stat.st_ino)}
+    stack: list[tuple[str, str]] = [(root, "")]
+    while stack:
+        directory, rel_dir = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # vanished or unreadable while walking
+        for entry in entries:
+            name = entry.name
+            if name[:1] in ("_", "."):
+                continue
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                st = entry.stat()  # follows symlinks
+            except OSError:
+                continue  # broken link or vanished
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in seen:
+                    seen.add(key)
+                    stack.append((entry.path, rel))
+            elif stat.S_ISREG(st.st_mode) and name.lower().endswith(IMAGE_EXTENSIONS):
+                yield rel, st.st_size, st.st_mtime_ns
+
+
+def list_archive(uri: str) -> Iterator[ArchiveEntry]:
+    """Yield the images of an archive as :class:`ArchiveEntry`, sorted by relative path.
+
+    Local trees are walked with ``os.scandir`` (pruning skipped directories, nanosecond
+    mtimes for the etag); S3 prefixes with one flat ``find`` listing (fresh, not from
+    s3fs's listing cache). Sorting needs the whole listing in memory as small tuples;
+    the entries themselves are built lazily.
+
+    Raises:
+        ArchiveError: as :func:`open_archive`.
+    """
+    fs, root = open_archive(uri)
+    scheme, _ = _split_uri(uri)
+    if scheme == "file":
+        local = sorted(_walk_local(root))
+        for rel, size, mtime_ns in local:
+            yield ArchiveEntry(
+                image_uri=_local_uri(os.path.join(root, *rel.split("/"))),
+                etag=f"{size}-{mtime_ns}",
+                size=size,
+                mtime=_from_epoch_ns(mtime_ns),
+                path=rel,
+                columns=parse_columns(rel),
+            )
+        return
+
+    fs.invalidate_cache(root)
+    found = fs.find(root, detail=True, withdirs=False)
+    prefix = root + "/"
+    remote: list[tuple[str, int, str, datetime | None]] = []
+    for name, info in found.items():
+        name = name.strip("/")
+        if info.get("type", "file") != "file" or not name.startswith(prefix):
+            continue
+        rel = name[len(prefix) :]
+        if not is_image_path(rel):
+            continue
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        mtime = _naive_utc(info.get("LastModified") or info.get("mtime"))
+        remote.append((rel, int(info.get("size") or 0), etag, mtime))
+    remote.sort(key=lambda t: t[0])
+    for rel, size, etag, mtime in remote:
+        yield ArchiveEntry(
+            image_uri=f"s3://{prefix}{rel}",
+            etag=etag,
+            size=size,
+            mtime=mtime,
+            path=rel,
+            columns=parse_columns(rel),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Timestamps
+
+
+def _exif_text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if isinstance(value, tuple | list) and value:
+        value = value[0]
+    if not isinstance(value, str):
+        return None
+    return value.replace("\x00", "").strip()
+
+
+def _parse_exif_datetime(value: Any, offset: Any = None, subsec: Any = None) -> datetime | None:
+    """EXIF ``YYYY:MM:DD HH:MM:SS`` (+ optional offset and sub-seconds) → naive UTC."""
+    text = _exif_text(value)
+    if not text:
+        return None
+    m = _EXIF_DT_RE.match(text)
+    if not m:
+        return None
+    try:
+        dt = datetime(*(int(g) for g in m.groups()))
+    except ValueError:  # 0000:00:00 00:00:00 and other placeholders
+        return None
+    sub = _exif_text(subsec)
+    if sub and sub.isdigit():
+        dt = dt.replace(microsecond=int(sub[:6].ljust(6, "0")))
+    off = _exif_text(offset)
+    om = _OFFSET_RE.match(off) if off else None
+    if om:
+        delta = timedelta(hours=int(om.group(2)), minutes=int(om.group(3)))
+        dt = dt - delta if om.group(1) == "+" else dt + delta
+    return dt
+
+
+def _exif_datetime(im: Image.Image) -> datetime | None:
+    """DateTimeOriginal from the Exif IFD, else DateTime; ``None`` if absent or unreadable."""
+    try:
+        exif = im.getexif()
+        sub_ifd = exif.get_ifd(_EXIF_IFD)
+        found = _parse_exif_datetime(
+            sub_ifd.get(_TAG_DATETIME_ORIGINAL),
+            sub_ifd.get(_TAG_OFFSET_TIME_ORIGINAL),
+            sub_ifd.get(_TAG_SUBSEC_TIME_ORIGINAL),
+        )
+        if found is None:
+            found = _parse_exif_datetime(
+                exif.get(_TAG_DATETIME),
+                sub_ifd.get(_TAG_OFFSET_TIME),
+                sub_ifd.get(_TAG_SUBSEC_TIME),
+            )
+        return found
+    except (*_BAD_FILE_ERRORS, KeyError, TypeError, AttributeError):
+        return None
+
+
+def timestamp_from_name(path: str) -> datetime | None:
+    """A timestamp in the file name (not the directories), as naive UTC, or ``None``.
+
+    Recognises ``YYYYmmddTHHMMSS``, ``YYYYmmdd_HHMMSS``, ``YYYY-mm-dd_HH-MM-SS``,
+    ``YYYYmmddHHMMSS`` and similar (date separators ``-_.``, time separators ``-_.:``,
+    date/time separator ``T``, ``_``, ``-``, space or none), years 1900-2099, not embedded
+    in a longer run of digits. The first valid match wins; a zone suffix is ignored.
+    """
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    for m in _NAME_TS_RE.finditer(name):
+        try:
+            return datetime(
+                int(m["Y"]), int(m["m"]), int(m["d"]), int(m["H"]), int(m["M"]), int(m["S"])
+            )
+        except ValueError:
+            continue
+    return None
+
+
+def captured_at(
+    data_or_image: bytes | Image.Image | DecodedImage | None,
+    path: str,
+    fallback: datetime | None,
+) -> datetime | None:
+    """When the image was taken, as naive UTC.
+
+    Precedence: EXIF DateTimeOriginal (else EXIF DateTime) from ``data_or_image`` (raw
+    bytes, an open Pillow image, or a :class:`DecodedImage`), then a timestamp in the file
+    name of ``path`` (:func:`timestamp_from_name`), then ``fallback`` (normally the file's
+    modification time). Unreadable bytes simply have no EXIF; this never raises for them.
+    """
+    found: datetime | None = None
+    if isinstance(data_or_image, DecodedImage):
+        found = data_or_image.exif_datetime
+    elif isinstance(data_or_image, Image.Image):
+        found = _exif_datetime(data_or_image)
+    elif isinstance(data_or_image, bytes | bytearray | memoryview) and len(data_or_image):
+        try:
+            with Image.open(io.BytesIO(bytes(data_or_image)), formats=ALLOWED_FORMATS) as im:
+                found = _exif_datetime(im)
+        except _BAD_FILE_ERRORS:
+            found = None
+    if found is not None:
+        return found
+    from_name = timestamp_from_name(path)
+    if from_name is not None:
+        return from_name
+    return _naive_utc(fallback) if fallback is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Convert any Pillow mode to an H×W×3 uint8 array (rules in :func:`decode_image`)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        gray16 = np.asarray(im).astype(np.uint16, copy=False)
+        return _gray_to_rgb((gray16 >> 8).astype(np.uint8))
+    if mode.startswith("I;16") or mode == "I":  # signed 16-bit or 32-bit integer
+        wide = np.asarray(im).astype(np.int64)
+        return _gray_to_rgb((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    if mode == "F":
+        f = np.nan_to_num(np.asarray(im, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        return _gray_to_rgb(np.rint(np.clip(f, 0.0, 255.0)).astype(np.uint8))
+    if mode in _ALPHA_MODES or im.has_transparency_data:
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[:, :, 3:4].astype(np.uint16)
+        # composite onto black: round(c * a / 255)
+        return ((rgba[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+    if mode == "L":
+        return _gray_to_rgb(np.asarray(im))
+    if mode != "RGB":
+        im = im.convert("RGB")  # 1, P, CMYK, YCbCr, LAB, HSV, RGBX, ...
+    return np.asarray(im)
+
+
+def _decode(data: bytes, max_pixels: int) -> DecodedImage:
+    with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise DecodeError(
+                "decode",
+                "DecompressionBombError",
+                f"image is {width}x{height} = {width * height} pixels, "
+                f"more than max_pixels={max_pixels}",
+            )
+        if width <= 0 or height <= 0:
+            raise DecodeError("decode", "EmptyImage", f"image has size {width}x{height}")
+        im.load()  # decodes the first frame; truncated data raises OSError here
+        exif_dt = _exif_datetime(im)  # after load: a PNG's eXIf chunk may follow the pixels
+        ImageOps.exif_transpose(im, in_place=True)
+        rgb = _to_rgb(im)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"conversion of mode {im.mode!r} gave {rgb.dtype} {rgb.shape}")
+    if not (rgb.flags.c_contiguous and rgb.flags.writeable):
+        rgb = np.array(rgb, dtype=np.uint8, order="C")
+    return DecodedImage(
+        rgb=rgb, width=int(rgb.shape[1]), height=int(rgb.shape[0]), exif_datetime=exif_dt
+    )
+
+
+def decode_image(data: bytes, *, max_pixels: int = 100_000_000) -> DecodedImage:
+    """Decode image bytes into 8-bit RGB, or raise :class:`DecodeError` (``stage="decode"``).
+
+    * Formats: only JPEG, PNG, TIFF, BMP and WEBP decoders are tried (content sniffing, not
+      the file extension). Multi-frame files give their first frame.
+    * Size guard: more than ``max_pixels`` pixels (width × height from the header, checked
+      before any pixel is decoded) → ``error_type="DecompressionBombError"``. Pillow's own
+      process-wide guard (``Image.MAX_IMAGE_PIXELS``; error above twice it) still applies
+      and is reported the same way; its *warning* (between once and twice the limit) is
+      left alone, because ``max_pixels`` decides. Nothing global is mutated, so this is
+      safe to call from many threads.
+    * Zero bytes → ``error_type="EmptyFile"``. Truncated data fails (this never sets
+      ``ImageFile.LOAD_TRUNCATED_IMAGES``; a process that sets it globally gets Pillow's
+      lenient behaviour).
+    * EXIF orientation is applied (``ImageOps.exif_transpose``); ``width``/``height`` are
+      those of the result.
+    * Mode conversion to RGB:
+        - ``RGB`` as is; ``L`` replicated to three channels; ``1`` gives 0/255.
+        - 16-bit grey (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``): ``value >> 8`` (scaled,
+          not clipped, so 65535 → 255 and 1000 → 3). ``I`` (32-bit, also signed 16-bit
+          TIFFs) is taken on the same 0..65535 scale: clipped to it, then ``>> 8``.
+        - ``F`` (float) follows Pillow's convention of a 0..255 scale: clipped, rounded,
+          NaN → 0.
+        - 48-bit RGB / 64-bit RGBA PNGs are opened by Pillow as 8-bit ``RGB``/``RGBA``
+          (it keeps the high byte), which is the same ``>> 8`` rule.
+        - Alpha (``RGBA``, ``LA``, ``PA``, premultiplied modes, and palette/grey/RGB images
+          with a ``tRNS`` transparency key) is **composited onto black**:
+          ``round(c * a / 255)``; fully transparent pixels become (0, 0, 0).
+        - ``P`` (palette), ``CMYK`` (Pillow's naive conversion, no ICC profile), ``YCbCr``,
+          ``HSV``, ``LAB`` and the rest: ``Image.convert("RGB")``.
+    * Any of OSError (incl. ``UnidentifiedImageError``), SyntaxError, ValueError,
+      MemoryError, NotImplementedError, OverflowError, struct.error, EOFError and Pillow's
+      decompression-bomb error become ``DecodeError(stage="decode", error_type=<class
+      name>)``. Other exceptions (bugs) propagate.
+
+    Returns:
+        :class:`DecodedImage` with a C-contiguous, writable ``uint8`` array of H×W×3.
+    """
+    if not data:
+        raise DecodeError("decode", "EmptyFile", "file is empty (0 bytes)")
+    try:
+        return _decode(bytes(data), max_pixels)
+    except DecodeError:
+        raise
+    except _BOMB_ERRORS as e:
+        raise DecodeError("decode", "DecompressionBombError", str(e)) from e
+    except _BAD_FILE_ERRORS as e:
+        raise DecodeError("decode", type(e).__name__, str(e) or repr(e)) from e
