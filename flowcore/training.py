@@ -116,7 +116,9 @@ def fit_flow(
     statistics (progress lines, metrics)."""
     cfg = cfg or FitConfig()
     if train.ndim != 2 or val.ndim != 2 or train.shape[1] != val.shape[1]:
-        raise ValueError(f"train and val must be (n, D) with the same D: {train.shape}, {val.shape}")
+        raise ValueError(
+            f"train and val must be (n, D) with the same D: {train.shape}, {val.shape}"
+        )
     if train.shape[0] < 2 or val.shape[0] < 1:
         raise ValueError("need at least 2 training rows and 1 validation row")
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -103,6 +103,13 @@ _BAD_FILE_ERRORS: tuple[type[BaseException], ...] = (
     Image.DecompressionBombError,
     Image.DecompressionBombWarning,  # only raised when a warnings filter says "error"
 )
+# Broken EXIF must never fail a decode: it only means "no EXIF date".
+_EXIF_ERRORS: tuple[type[BaseException], ...] = (
+    *_BAD_FILE_ERRORS,
+    KeyError,
+    TypeError,
+    AttributeError,
+)
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 # Per-file read failures that become a scoring_errors row (stage "read"); anything else
@@ -431,7 +438,8 @@ def _parse_exif_datetime(value: Any, offset: Any = None, subsec: Any = None) -> 
     if not m:
         return None
     try:
-        dt = datetime(*(int(g) for g in m.groups()))
+        year, month, day, hour, minute, second = (int(g) for g in m.groups())
+        dt = datetime(year, month, day, hour, minute, second)
     except ValueError:  # 0000:00:00 00:00:00 and other placeholders
         return None
     sub = _exif_text(subsec)
@@ -462,7 +470,7 @@ def _exif_datetime(im: Image.Image) -> datetime | None:
                 sub_ifd.get(_TAG_SUBSEC_TIME),
             )
         return found
-    except (*_BAD_FILE_ERRORS, KeyError, TypeError, AttributeError):
+    except _EXIF_ERRORS:
         return None
 
 

@@ -144,7 +144,7 @@ def _finish(
     """Blur, light, add sensor noise and quantise a rendered scene."""
     h, w = canvas.height, canvas.width
     img = canvas.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else canvas
-    arr = np.asarray(img, dtype=np.float32)
+    arr: np.ndarray = np.asarray(img, dtype=np.float32)
     jitter = float(rng.uniform(0.96, 1.04))
     arr = arr * (_light_field(camera, h, w) * jitter)
     arr += rng.standard_normal((h, w, 3), dtype=np.float32) * noise
@@ -174,17 +174,6 @@ def _jagged_blob(
     x, y = a * np.cos(t), b * np.sin(t)
     c, s = math.cos(angle), math.sin(angle)
     return list(zip((cx + x * c - y * s).tolist(), (cy + x * s + y * c).tolist(), strict=True))
-
-
-def _egg(
-    cx: float, cy: float, a: float, b: float, theta: float, k: float, n: int = 18
-) -> np.ndarray:
-    """Vertices (n x 2) of an egg-shaped kernel outline: semi-axes a, b, asymmetry k."""
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    x = a * np.cos(t)
-    y = b * np.sin(t) * (1.0 + k * np.cos(t))
-    c, s = math.cos(theta), math.sin(theta)
-    return np.stack([cx + x * c - y * s, cy + x * s + y * c], axis=1)
 
 
 def _pts(arr: np.ndarray) -> Points:
@@ -246,7 +235,9 @@ class _Layer:
         self.draw = ImageDraw.Draw(self.rgb)
         self.mdraw = ImageDraw.Draw(self.mask)
 
-    def apply(self, canvas: Image.Image, truth: Image.Image, alpha: Image.Image | None = None) -> None:
+    def apply(
+        self, canvas: Image.Image, truth: Image.Image, alpha: Image.Image | None = None
+    ) -> None:
         canvas.paste(self.rgb, (0, 0), alpha if alpha is not None else self.mask)
         truth.paste(255, (0, 0, truth.width, truth.height), self.mask)
 
@@ -352,8 +343,12 @@ def _harvest_base(rng: np.random.Generator, h: int, w: int, camera: int) -> Imag
         cx, cy, a * 0.42, b * 0.5, theta + np.pi, np.full(n, 0.3), along=-0.75, n=12
     ).tolist()
     levels = [
-        (_kernel_outlines(cx, cy, a, b, theta, k, scale=sc, shift=(sh * light[0], sh * light[1]))
-         .tolist(), val)
+        (
+            _kernel_outlines(
+                cx, cy, a, b, theta, k, scale=sc, shift=(sh * light[0], sh * light[1])
+            ).tolist(),
+            val,
+        )
         for sc, sh, val in _KERNEL_LEVELS
     ]
     fills = [tuple(c) for c in colors.astype(np.int64).tolist()]
@@ -473,7 +468,7 @@ def _cob(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -
     layer.draw.polygon(outline, fill=_shade(base, 0.7))
     layer.mdraw.polygon(outline, fill=255)
     # chaff cells: a jittered grid of small cells with dark walls
-    cell = max(3.0, 6.0 * math.sqrt(h * w / _REF_AREA))
+    cell = max(3.0, 8.5 * math.sqrt(h * w / _REF_AREA))
     ext = r * math.sqrt(aspect) + cell
     ys = np.arange(cy - ext, cy + ext, cell)
     xs = np.arange(cx - ext, cx + ext, cell)
@@ -482,10 +477,11 @@ def _cob(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -
         shift = (j % 2) * cell / 2
         for x in xs.tolist():
             poly = _jagged_blob(
-                rng, x + shift, y, cell * 0.62, vertices=6, rough=0.15, angle=rng.uniform(0, 1)
+                rng, x + shift, y, cell * 0.6, vertices=6, rough=0.2, angle=rng.uniform(0, 1)
             )
-            tone = rng.uniform(0.8, 1.3)
-            layer.draw.polygon(poly, fill=_shade(base, tone, rng.uniform(0, 30)), outline=wall)
+            tone = rng.uniform(0.75, 1.25)
+            fill = _shade(base, tone, rng.uniform(0, 25) + (45 if rng.random() < 0.2 else 0))
+            layer.draw.polygon(poly, fill=fill, outline=wall)
     if rng.random() < 0.5:  # broken open: pale pith in the middle
         pith = _jagged_blob(rng, cx, cy, r * 0.4, aspect=aspect, angle=ang, rough=0.15)
         layer.draw.polygon(pith, fill=(226, 214, 186))
@@ -493,31 +489,26 @@ def _cob(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -
 
 def _mouldy(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -> None:
     a0, b0 = _kernel_size(h, w)
-    count = int(np.clip(round(area / (np.pi * a0 * b0)), 1, 5))
+    count = int(np.clip(round(area / (3.4 * a0 * b0)), 1, 5))
     cx, cy = _center(rng, w, h)
     for _ in range(count):
-        a, b = a0 * rng.uniform(0.95, 1.15), b0 * rng.uniform(0.95, 1.15)
-        x = cx + rng.normal(0, a0 * 0.9)
-        y = cy + rng.normal(0, a0 * 0.9)
-        th = rng.uniform(0, 2 * np.pi)
-        k = rng.uniform(0.05, 0.3)
+        one = np.ones(1)
+        a, b = a0 * rng.uniform(0.95, 1.15) * one, b0 * rng.uniform(0.95, 1.15) * one
+        x, y = cx + rng.normal(0, a0 * 0.9) * one, cy + rng.normal(0, a0 * 0.9) * one
+        th, k = rng.uniform(0, 2 * np.pi) * one, rng.uniform(0.1, 0.4) * one
         dark = np.array([66.0, 46.0, 30.0]) * rng.uniform(0.55, 1.1)
-        outline = _pts(_egg(x, y, a, b, th, k))
-        layer.draw.polygon(outline, fill=_shade(dark, 0.8))
+        outline = _pts(_kernel_outlines(x, y, a, b, th, k)[0])
+        layer.draw.polygon(outline, fill=_shade(dark, 1.0), outline=_shade(dark, 0.5))
         layer.mdraw.polygon(outline, fill=255)
-        layer.draw.polygon(_pts(_egg(x, y, a * 0.8, b * 0.75, th, k)), fill=_shade(dark, 1.0))
         for _ in range(int(rng.integers(3, 8))):  # mould patches: grey-green or black
-            mx = x + rng.uniform(-0.6, 0.6) * a
-            my = y + rng.uniform(-0.5, 0.5) * b
-            col: Color = (
-                (88, 96, 74) if rng.random() < 0.5 else (24, 22, 20)
-            )
-            spot = _jagged_blob(rng, mx, my, b * rng.uniform(0.15, 0.35), vertices=8, rough=0.3)
+            mx = float(x[0]) + rng.uniform(-0.6, 0.6) * float(a[0])
+            my = float(y[0]) + rng.uniform(-0.5, 0.5) * float(b[0])
+            col: Color = (88, 96, 74) if rng.random() < 0.5 else (24, 22, 20)
+            spot = _jagged_blob(rng, mx, my, b0 * rng.uniform(0.15, 0.35), vertices=8, rough=0.3)
             layer.draw.polygon(spot, fill=col)
         # mould outside the kernel outline is cut away when the layer is pasted by its mask
-        layer.draw.polygon(
-            _pts(_egg(x + 0.25 * a, y, a * 0.2, b * 0.15, th, 0.0, 8)), fill=_shade(dark, 1.5, 10)
-        )
+        gloss = _pts(_kernel_outlines(x, y, a, b, th, k, scale=0.22, shift=(0.2, -0.2), n=10)[0])
+        layer.draw.polygon(gloss, fill=_shade(dark, 1.6, 12))
 
 
 _HARVEST_ANOMALIES: tuple[Callable[[np.random.Generator, _Layer, float, int, int], None], ...] = (
@@ -575,8 +566,8 @@ def _spots(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int)
     rust = rng.random() < 0.5
     for _ in range(n):
         r = math.sqrt(area / n / np.pi) * rng.uniform(0.8, 1.2)
-        x = cx + rng.normal(0, 2 * r)
-        y = cy + rng.normal(0, 2 * r)
+        x = float(np.clip(cx + rng.normal(0, 2 * r), r, w - r))
+        y = float(np.clip(cy + rng.normal(0, 2 * r), r, h - r))
         poly = _jagged_blob(rng, x, y, r, aspect=rng.uniform(1, 1.5), vertices=12, rough=0.15)
         base = np.array([150.0, 82.0, 40.0]) if rust else np.array([52.0, 50.0, 50.0])
         layer.draw.polygon(poly, fill=_shade(base, rng.uniform(0.85, 1.1)))
@@ -589,10 +580,11 @@ def _walk(
     rng: np.random.Generator, x: float, y: float, ang: float, length: float, step: float
 ) -> Points:
     pts = [(x, y)]
+    heading = ang
     for _ in range(max(2, int(length / step))):
-        ang += rng.normal(0, 0.45)
-        x += step * math.cos(ang)
-        y += step * math.sin(ang)
+        heading = ang + 0.75 * (heading - ang) + rng.normal(0, 0.4)  # jagged, no loops
+        x += step * math.cos(heading)
+        y += step * math.sin(heading)
         pts.append((x, y))
     return pts
 
@@ -600,7 +592,7 @@ def _walk(
 def _crack(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -> None:
     s = math.sqrt(h * w / _REF_AREA)
     step = max(2.0, 7.0 * s)
-    length = float(np.clip(area / max(2.0, 3.0 * s) * 0.6, 0.15 * w, 0.6 * w))
+    length = float(np.clip(area / max(2.0, 3.0 * s) * 0.8, 0.15 * w, 0.6 * w))
     cx, cy = _center(rng, w, h, 0.2)
     ang = rng.uniform(0, 2 * np.pi)
     main = _walk(rng, cx, cy, ang, length, step)
@@ -619,20 +611,18 @@ def _crack(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int)
         layer.mdraw.line(branch, fill=255, width=wb)
 
 
-def _stain(
-    rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int
-) -> Image.Image:
+def _stain(rng: np.random.Generator, layer: _Layer, area: float, w: int, h: int) -> Image.Image:
     r = math.sqrt(area / np.pi) * 0.9
     cx, cy = _center(rng, w, h)
     poly = _jagged_blob(rng, cx, cy, r, aspect=rng.uniform(1, 2), angle=rng.uniform(0, np.pi))
-    palette = [(160, 118, 60), (118, 92, 56), (176, 160, 96), (104, 118, 150)]
+    palette = [(150, 96, 42), (84, 70, 52), (192, 166, 78), (88, 106, 164)]  # rust, oil, ...
     col = palette[int(rng.integers(len(palette)))]
     layer.draw.rectangle((0, 0, w, h), fill=col)
     core = Image.new("L", (w, h), 0)
     ImageDraw.Draw(core).polygon(poly, fill=int(rng.uniform(190, 235)))
     alpha = core.filter(ImageFilter.GaussianBlur(max(1.0, r * 0.2)))
     a = np.asarray(alpha)
-    m = np.where(a >= 24, 255, 0).astype(np.uint8)  # faint fringe below this stays unchanged
+    m = np.where(a >= 48, 255, 0).astype(np.uint8)  # the faint fringe is cut off: exact mask
     layer.mask.paste(Image.fromarray(m, mode="L"))
     return Image.fromarray(np.where(m > 0, a, 0).astype(np.uint8), mode="L")
 
@@ -823,6 +813,4 @@ def write_archive(
     writer.writerow(["path", "label"])
     writer.writerows(labels)
     (truth / "labels.csv").write_text(buf.getvalue(), encoding="utf-8")
-    return SynthSummary(
-        root=root, images=n, anomalous=n_anom, paths=[p for p, _ in labels]
-    )
+    return SynthSummary(root=root, images=n, anomalous=n_anom, paths=[p for p, _ in labels])

@@ -50,6 +50,7 @@ class Chain(Bijector):
 
     def inverse(self, z: Tensor) -> Tensor:
         for t in reversed(self.transforms):
+            assert isinstance(t, Bijector)
             z = t.inverse(z)
         return z
 

@@ -1,0 +1,184 @@
+"""The model bundle: a directory with ``flowscore.json`` (configs, statistics, threshold,
+versions) and ``weights.safetensors`` (every tensor). Loading never unpickles anything: the
+JSON is parsed with ``json``, the tensors with safetensors, and every tensor's name, shape and
+dtype is checked against the model the JSON describes before any weight is used."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
+from .scorer import Scorer
+from .windows import WindowConfig, WindowFeaturizer
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]
+
+FORMAT = "flowscore-bundle"
+FORMAT_VERSION = 1
+META_FILE = "flowscore.json"
+WEIGHTS_FILE = "weights.safetensors"
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded; the message names the file and what to do."""
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out: dict[str, str] = {"torch": str(torch.__version__)}
+    for dist in ("flowscore", "safetensors", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _window_cfg_from_dict(d: dict[str, Any], where: str) -> WindowConfig:
+    d = dict(d)
+    kind = d.pop("type", None)
+    if kind != "windows":
+        raise BundleError(
+            f"{where}: featurizer.type {kind!r} is not supported (expected 'windows')"
+        )
+    allowed = {"window", "stride", "scale", "components", "whiten"}
+    unknown = set(d) - allowed
+    if unknown:
+        raise BundleError(f"{where}: unknown featurizer key(s) {sorted(unknown)}")
+    try:
+        return WindowConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: bad featurizer config: {e}") from e
+
+
+def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | None = None) -> Path:
+    """Write the bundle directory (created if missing; files replaced atomically)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = scorer.featurizer.cfg
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "featurizer": {
+            "type": "windows",
+            "window": cfg.window,
+            "stride": cfg.stride,
+            "scale": cfg.scale,
+            "components": cfg.components,
+            "whiten": cfg.whiten,
+        },
+        "flow": {"features": scorer.flow.features, **flow_config_to_dict(scorer.flow_config)},
+        "threshold": scorer.threshold if math.isfinite(scorer.threshold) else None,
+        "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
+        "training": training or {},
+        "versions": _versions(),
+    }
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in scorer.state_dict().items()}
+    for name, data in ((WEIGHTS_FILE, None), (META_FILE, meta)):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        os.close(fd)
+        if data is None:
+            save_file(tensors, tmp, metadata={"format": FORMAT})
+        else:
+            Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / name)
+    return out
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """Parse and check ``flowscore.json`` of a bundle directory."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise BundleError(
+            f"{meta_path}: not found; a bundle is a directory with {META_FILE} and {WEIGHTS_FILE}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{meta_path}: not a flowscore bundle (format != {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{meta_path}: bundle format version {version!r} is not supported by this "
+            f"flowscore (it reads version {FORMAT_VERSION}); use a matching flowscore release"
+        )
+    for key in ("featurizer", "flow"):
+        if not isinstance(meta.get(key), dict):
+            raise BundleError(f"{meta_path}: missing or invalid key {key!r}")
+    return meta
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
+    """Load a scorer from a bundle directory, refusing anything that does not match."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle directory not found")
+    for f in root.rglob("*"):
+        if f.suffix.lower() in _PICKLE_SUFFIXES:
+            raise BundleError(
+                f"{f}: refusing a bundle that contains a pickle-capable file; flowscore "
+                f"loads only {META_FILE} and {WEIGHTS_FILE}"
+            )
+    meta = read_meta(root)
+    meta_path = root / META_FILE
+    wcfg = _window_cfg_from_dict(meta["featurizer"], str(meta_path))
+    flow_d = dict(meta["flow"])
+    features = flow_d.pop("features", None)
+    if features != wcfg.features:
+        raise BundleError(
+            f"{meta_path}: flow.features={features!r} does not match the featurizer's "
+            f"{wcfg.features} output features"
+        )
+    try:
+        flow_cfg = flow_config_from_dict(flow_d, where=f"{meta_path}: flow")
+    except (TypeError, ValueError) as e:
+        raise BundleError(str(e)) from e
+    clip = meta.get("heatmap_clip")
+    thr = meta.get("threshold")
+    scorer = Scorer(
+        WindowFeaturizer(wcfg),
+        build_flow(wcfg.features, flow_cfg),
+        flow_config=flow_cfg,
+        threshold=math.inf if thr is None else float(thr),
+        heatmap_clip=(float(clip[0]), float(clip[1])) if clip else None,
+    )
+    weights_path = root / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path}: not found")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{weights_path}: not a readable safetensors file ({e})") from e
+    expected = scorer.state_dict()
+    for name, ref in expected.items():
+        if name not in tensors:
+            raise BundleError(f"{weights_path}: tensor {name!r} is missing")
+        got = tensors[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise BundleError(
+                f"{weights_path}: tensor {name!r} has shape {tuple(got.shape)}, the model "
+                f"described by {META_FILE} needs {tuple(ref.shape)}"
+            )
+        if got.dtype != ref.dtype:
+            raise BundleError(
+                f"{weights_path}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise BundleError(f"{weights_path}: unexpected tensor(s) {extra[:5]}")
+    scorer.load_state_dict(tensors, strict=True)
+    scorer.training_stats = dict(meta.get("training") or {})
+    return scorer.to(device).eval()

@@ -1,0 +1,231 @@
+"""Pixel-window featurizer: square windows of an image projected onto a centred PCA basis.
+
+A window is the ``3 × w × w`` block of an RGB image (values in [0, 1]) whose top-left corner is
+at ``(i·s, j·s)`` of the image resized by ``scale``; flattened channel-first it is a vector of
+``d = 3·w·w`` values. Its feature vector is
+
+    f = ((window - mean) @ basis) * inv_scale          (basis: d × k, k components)
+
+The sweep over all windows of a batch of images is one strided convolution whose kernels are
+the basis vectors (``kernel = (basis * inv_scale).T`` reshaped to ``k × 3 × w × w``) and whose
+bias is ``-(mean @ basis) * inv_scale``: no Python loop over windows, no unfolded copy of the
+image. Grid size: ``gh = floor((H' - w) / s) + 1`` and likewise ``gw``, with H' the resized
+height.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "WindowConfig",
+    "WindowFeaturizer",
+    "to_tensor",
+    "resize",
+    "grid_shape",
+    "sample_windows",
+    "fit_window_featurizer",
+    "extract_windows",
+]
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Window geometry and projection. ``components=None`` keeps all 3·w·w dimensions (no
+    reduction: only centring and per-dimension scaling). ``whiten`` divides each component by
+    its standard deviation on the training windows, which conditions the flow's input."""
+
+    window: int = 46
+    stride: int = 8
+    scale: float = 1.0
+    components: int | None = 100
+    whiten: bool = True
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.stride < 1:
+            raise ValueError("window and stride must be >= 1")
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {self.scale}")
+        if self.components is not None and not 1 <= self.components <= self.dims:
+            raise ValueError(f"components must be in [1, {self.dims}] or None")
+
+    @property
+    def dims(self) -> int:
+        """Length of a flattened window, 3·w·w."""
+        return 3 * self.window * self.window
+
+    @property
+    def features(self) -> int:
+        """Length of a feature vector."""
+        return self.dims if self.components is None else self.components
+
+
+def to_tensor(
+    images: np.ndarray | Tensor | Sequence[np.ndarray],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """RGB uint8 images (N, H, W, 3) -> float tensor (N, 3, H, W) in [0, 1] on ``device``."""
+    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
+        images = np.stack(list(images))
+    t = torch.as_tensor(images)
+    if t.ndim != 4 or t.shape[-1] != 3:
+        raise ValueError(f"expected RGB images shaped (N, H, W, 3), got {tuple(t.shape)}")
+    t = t.to(device=device, non_blocking=True).permute(0, 3, 1, 2)
+    return t.to(dtype).mul_(1.0 / 255.0).contiguous()
+
+
+def resize(x: Tensor, scale: float) -> Tensor:
+    """Antialiased bilinear resize of (N, 3, H, W) by ``scale`` (sizes rounded)."""
+    if scale == 1.0:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def grid_shape(height: int, width: int, cfg: WindowConfig) -> tuple[int, int]:
+    """(gh, gw) of the heatmap of an image of the given full-resolution size."""
+    h = max(1, round(height * cfg.scale)) if cfg.scale != 1.0 else height
+    w = max(1, round(width * cfg.scale)) if cfg.scale != 1.0 else width
+    if h < cfg.window or w < cfg.window:
+        raise ValueError(
+            f"image {height}×{width} (×{cfg.scale}) is smaller than the {cfg.window}px window"
+        )
+    return (h - cfg.window) // cfg.stride + 1, (w - cfg.window) // cfg.stride + 1
+
+
+class WindowFeaturizer(nn.Module):
+    """(N, 3, H, W) images in [0, 1] -> (N, k, gh, gw) feature grid, by one strided conv."""
+
+    mean: Tensor
+    basis: Tensor
+    inv_scale: Tensor
+
+    def __init__(self, cfg: WindowConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.dims, cfg.features
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("basis", torch.eye(d)[:, :k].contiguous())
+        self.register_buffer("inv_scale", torch.ones(k))
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202
+        self._cache = None  # device or dtype moved: rebuild the folded kernel
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: ANN002, ANN003, ANN201
+        self._cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def set_basis(self, mean: Tensor, basis: Tensor, inv_scale: Tensor) -> None:
+        """Install a fitted basis (shapes (d,), (d, k), (k,))."""
+        d, k = self.cfg.dims, self.cfg.features
+        if mean.shape != (d,) or basis.shape != (d, k) or inv_scale.shape != (k,):
+            raise ValueError(f"basis shapes must be ({d},), ({d}, {k}), ({k},)")
+        with torch.no_grad():
+            self.mean.copy_(mean)
+            self.basis.copy_(basis)
+            self.inv_scale.copy_(inv_scale)
+        self._cache = None
+
+    def kernel(self) -> tuple[Tensor, Tensor]:
+        """The folded convolution: weight (k, 3, w, w) and bias (k,)."""
+        if self._cache is None or self.training:
+            w = self.cfg.window
+            proj = self.basis * self.inv_scale  # (d, k)
+            weight = proj.T.reshape(-1, 3, w, w).contiguous()
+            bias = -(self.mean @ proj)
+            self._cache = (weight, bias)
+        return self._cache
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.kernel()
+        return F.conv2d(resize(x, self.cfg.scale), weight, bias, stride=self.cfg.stride)
+
+
+def extract_windows(x: Tensor, cfg: WindowConfig) -> Tensor:
+    """Reference extraction (tests, PCA fitting of small samples): every window of resized
+    images (N, 3, H, W) as rows (N·gh·gw, 3·w·w), in grid row-major order. Materialises the
+    unfold: use it on small inputs only."""
+    x = resize(x, cfg.scale)
+    cols = F.unfold(x, kernel_size=cfg.window, stride=cfg.stride)  # (N, d, L)
+    return cols.transpose(1, 2).reshape(-1, cfg.dims)
+
+
+def sample_windows(
+    images: Sequence[np.ndarray] | np.ndarray,
+    cfg: WindowConfig,
+    per_image: int,
+    generator: torch.Generator,
+    dequantize: bool = False,
+) -> Tensor:
+    """Random windows (any pixel offset, not only the stride grid) from each RGB uint8 image,
+    as float32 rows (n, 3·w·w) in [0, 1]. With ``dequantize``, uniform noise of one grey level
+    is added (the grain paper's dequantisation of 8-bit pixels)."""
+    w = cfg.window
+    rows = []
+    for img in images:
+        x = resize(to_tensor(np.asarray(img)[None]), cfg.scale)[0]
+        _, h, wd = x.shape
+        if h < w or wd < w:
+            raise ValueError(f"image {h}×{wd} is smaller than the {w}px window")
+        ys = torch.randint(0, h - w + 1, (per_image,), generator=generator)
+        xs = torch.randint(0, wd - w + 1, (per_image,), generator=generator)
+        # gather the windows by advanced indexing on a small per-image index grid
+        ar = torch.arange(w)
+        yy = (ys[:, None] + ar[None, :])[:, :, None]  # (n, w, 1)
+        xx = (xs[:, None] + ar[None, :])[:, None, :]  # (n, 1, w)
+        win = x[:, yy, xx]  # (3, n, w, w)
+        rows.append(win.permute(1, 0, 2, 3).reshape(per_image, -1))
+    out = torch.cat(rows)
+    if dequantize:
+        out = out + torch.rand(out.shape, generator=generator) / 256.0
+    return out
+
+
+def fit_window_featurizer(windows: Tensor, cfg: WindowConfig, seed: int = 0) -> WindowFeaturizer:
+    """Fit the centred PCA basis on sampled windows (n, d) and return the featurizer.
+
+    With ``components=k`` the basis is the top-k right singular vectors of the centred windows
+    (randomised SVD, exact enough for k ≪ d; computed in float64); with ``components=None`` the
+    basis is the identity (no reduction). ``whiten`` scales each component to unit variance."""
+    if windows.ndim != 2 or windows.shape[1] != cfg.dims:
+        raise ValueError(f"windows must be (n, {cfg.dims}), got {tuple(windows.shape)}")
+    n = windows.shape[0]
+    if n < 2:
+        raise ValueError("need at least 2 windows to fit a basis")
+    x = windows.double()
+    mean = x.mean(dim=0)
+    xc = x - mean
+    if cfg.components is None:
+        basis = torch.eye(cfg.dims, dtype=torch.float64)
+        var = xc.square().sum(0) / (n - 1)
+    else:
+        k = cfg.components
+        if k > min(n, cfg.dims):
+            raise ValueError(f"{k} components need at least {k} windows, got {n}")
+        torch.manual_seed(seed)  # svd_lowrank draws its sketch from the global generator
+        q = min(k + 20, min(n, cfg.dims))
+        _, s, v = torch.svd_lowrank(xc, q=q, niter=4)
+        basis = v[:, :k]
+        var = s[:k].square() / (n - 1)
+        # fix the sign of each component (largest-magnitude loading positive): deterministic
+        signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+        basis = basis * signs
+    inv_scale = torch.rsqrt(var.clamp_min(1e-12)) if cfg.whiten else torch.ones_like(var)
+    feat = WindowFeaturizer(cfg)
+    feat.set_basis(mean.float(), basis.float(), inv_scale.float())
+    return feat
+
+
+def log_det_whitening(feat: WindowFeaturizer) -> float:
+    """log|det| of the per-component scaling (for converting densities between spaces)."""
+    return float(torch.log(feat.inv_scale.double()).sum()) if feat.cfg.whiten else 0.0
