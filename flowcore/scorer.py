@@ -106,7 +106,7 @@ class Scorer(nn.Module):
         flow_config: FlowConfig | None = None,
         threshold: float = math.inf,
         heatmap_clip: tuple[float, float] | None = None,
-        chunk_rows: int = 32768,
+        chunk_rows: int = 4096,
     ) -> None:
         super().__init__()
         self.featurizer = featurizer
