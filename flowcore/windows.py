@@ -38,8 +38,9 @@ __all__ = [
 @dataclass(frozen=True)
 class WindowConfig:
     """Window geometry and projection. ``components=None`` keeps all 3·w·w dimensions (no
-    reduction: the basis is the full rotation onto the principal axes). ``whiten`` divides each component by
-    its standard deviation on the training windows, which conditions the flow's input."""
+    reduction: the basis is the full rotation onto the principal axes). ``whiten`` divides
+    each component by its standard deviation on the training windows, which conditions the
+    flow's input."""
 
     window: int = 46
     stride: int = 8
@@ -199,7 +200,8 @@ def fit_window_featurizer(windows: Tensor, cfg: WindowConfig, seed: int = 0) -> 
 
     With ``components=k`` the basis is the top-k right singular vectors of the centred windows
     (randomised SVD, exact enough for k ≪ d; computed in float64); with ``components=None`` it
-    is every eigenvector of the covariance (no reduction, a rotation). ``whiten`` scales each component to unit variance."""
+    is every eigenvector of the covariance (no reduction, a rotation). ``whiten`` scales each
+    component to unit variance."""
     if windows.ndim != 2 or windows.shape[1] != cfg.dims:
         raise ValueError(f"windows must be (n, {cfg.dims}), got {tuple(windows.shape)}")
     n = windows.shape[0]

@@ -96,9 +96,7 @@ def test_sample_windows_are_real_windows_of_the_image() -> None:
     # every sampled row equals one of the stride-1 windows
     d = torch.cdist(rows.double(), all_rows.double()).amin(dim=1)
     assert float(d.max()) < 1e-6
-    noisy = sample_windows(
-        [img[0]], cfg, 50, torch.Generator().manual_seed(0), dequantize=True
-    )
+    noisy = sample_windows([img[0]], cfg, 50, torch.Generator().manual_seed(0), dequantize=True)
     diff = noisy - rows
     assert float(diff.min()) >= 0 and float(diff.max()) <= 1 / 256 and float(diff.abs().max()) > 0
 

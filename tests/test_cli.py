@@ -1,0 +1,139 @@
+"""The command line as a user runs it: synth, bench, demo, help and exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flowcore.fit import PRESETS
+from jobs.cli import PRESET_NAMES, main
+
+
+def test_preset_names_match_flowcore() -> None:
+    assert tuple(PRESETS) == PRESET_NAMES
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = (
+        "import sys; from jobs.cli import build_parser; build_parser(); "
+        "print('torch' in sys.modules, 'ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+    for cmd in ("synth", "bench", "demo"):
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", cmd, "--help"], capture_output=True, text=True
+        )
+        assert r.returncode == 0 and "usage: flowscore" in r.stdout
+
+
+def test_synth_cli_writes_archive(tmp_path, capsys) -> None:
+    out = tmp_path / "arch"
+    rc = main(
+        [
+            "synth",
+            str(out),
+            "--kind",
+            "factory",
+            "--images",
+            "4",
+            "--seed",
+            "3",
+            "--anomaly-rate",
+            "0.5",
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    assert "wrote 4 images (2 anomalous)" in capsys.readouterr().out
+    lines = (out / "_truth" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "path,label" and len(lines) == 5
+    assert len(list((out / "_truth" / "masks").rglob("*.png"))) == 2
+
+
+def test_synth_cli_refuses_bad_input_with_exit_2(tmp_path, capsys) -> None:
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    assert main(["synth", str(tmp_path / "full"), "--images", "2", "--quiet"]) == 2
+    assert "empty directory" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "a"), "--anomaly-rate", "2", "--quiet"]) == 2
+    assert "anomaly_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["synth", str(tmp_path / "b"), "--images", "0"])
+    assert e.value.code == 2
+
+
+def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
+    path = tmp_path / "bench.json"
+    rc = main(
+        [
+            "bench",
+            "--preset",
+            "grain-quarter",
+            "--images",
+            "2",
+            "--batch",
+            "2",
+            "--naive-rows",
+            "2",
+            "--threads",
+            "1",
+            "--json",
+            str(path),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    r = json.loads(path.read_text())
+    for key in (
+        "images",
+        "image_height",
+        "image_width",
+        "window",
+        "stride",
+        "components",
+        "flow",
+        "threads",
+        "device",
+        "gflop_per_image",
+        "gemm_gflops",
+        "roofline_images_per_s",
+        "scorer_images_per_s",
+        "pipeline_images_per_s",
+        "naive_images_per_s",
+        "peak_rss_mb",
+    ):
+        assert key in r, key
+    assert (r["window"], r["stride"], r["components"], r["threads"]) == (11, 2, 363, 1)
+    # FLOPs from the shapes, by hand: 53×75 windows; projection 2·363·363 per window;
+    # MAF 5 MADEs of 363->100->726 per window
+    windows = 53 * 75
+    by_hand = windows * (2 * 363 * 363 + 5 * (2 * 363 * 100 + 2 * 100 * 726))
+    assert r["gflop_per_image"] == pytest.approx(by_hand / 1e9, rel=1e-3)
+    assert r["roofline_images_per_s"] == pytest.approx(
+        r["gemm_gflops"] / r["gflop_per_image"], rel=1e-2
+    )
+    assert r["scorer_images_per_s"] > 0 and r["naive_images_per_s"] > 0
+
+
+def test_bench_refuses_gpu_without_cuda(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert main(["bench", "--use-gpu", "--quiet"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+    rc = main(["demo", "--workdir", str(tmp_path / "d"), "--images", "24", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "the 10 worst images" in out and "image AUROC" in out
+    overlays = sorted((tmp_path / "d" / "overlays").glob("*.png"))
+    assert len(overlays) >= 2
+    assert (tmp_path / "d" / "model" / "weights.safetensors").is_file()
