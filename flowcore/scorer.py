@@ -145,11 +145,9 @@ class Scorer(nn.Module):
 
     def score(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> ScoredBatch:
         """Grid, summary and anomaly flag of a batch of same-size RGB uint8 images."""
-        self.eval()
+        grid = self.log_likelihood_grid(images)
         with torch.inference_mode():
-            grid = self.grid_from_features(self.features(images))
-            summ = summarize(grid)
-            host = {k: v.float().cpu().numpy() for k, v in summ.items()}
+            host = {k: v.float().cpu().numpy() for k, v in summarize(grid).items()}
         return ScoredBatch(
             grid=grid.float().cpu().numpy(),
             summary=host,

@@ -14,7 +14,6 @@ from flowcore.flows import (
     BNAFConfig,
     Chain,
     CouplingConfig,
-    Flow,
     MAFConfig,
     Permutation,
     build_flow,
@@ -138,9 +137,11 @@ def test_soft_clamp_is_bounded_monotone_with_slope_2_over_pi() -> None:
 
 def test_permutations_and_orders_are_stored_with_the_model() -> None:
     a = build_flow(8, MAFConfig(blocks=3, seed=1)).state_dict()
-    assert "transform.transforms.2.order" in a or any(k.endswith(".order") for k in a)
+    orders = [a[k] for k in sorted(a) if k.endswith(".order")]
+    assert len(orders) == 3 and torch.equal(orders[0], torch.arange(8))
+    assert not torch.equal(orders[1], orders[2])  # the later MADEs use random orders
     b = build_flow(8, CouplingConfig(blocks=2)).state_dict()
-    assert any(k.endswith(".perm") for k in b)
+    assert sum(k.endswith(".perm") for k in b) == 1
 
 
 def test_config_round_trip_and_errors() -> None:
@@ -230,4 +231,3 @@ def test_chain_sums_logdets() -> None:
     z, ladj = Chain([a, b])(x)
     torch.testing.assert_close(z, z2)
     torch.testing.assert_close(ladj, l1 + l2)
-    assert isinstance(Flow(Chain([a, b]), 3).log_prob(x), torch.Tensor)
