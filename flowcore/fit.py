@@ -12,47 +12,89 @@ pieces per worker.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .flows import FlowConfig, MAFConfig, build_flow
+from .flows import FlowConfig, MAFConfig, build_flow, flow_config_from_dict, flow_config_to_dict
 from .scorer import Scorer
 from .training import EpochStats, FitConfig, fit_flow
 from .windows import WindowConfig, WindowFeaturizer, fit_window_featurizer, sample_windows
 
-__all__ = ["ScorerSpec", "PRESETS", "FitReport", "fit_scorer", "project_windows", "calibrate"]
+__all__ = [
+    "FeaturizerConfig",
+    "ScorerSpec",
+    "PRESETS",
+    "FitReport",
+    "fit_scorer",
+    "project_windows",
+    "basis_sample",
+    "fit_featurizer",
+    "feature_rows",
+    "image_generator",
+    "split_holdout",
+    "calibrate",
+    "ConfigError",
+    "FEATURIZER_TYPES",
+    "featurizer_config_to_dict",
+    "featurizer_config_from_dict",
+    "spec_to_dict",
+    "spec_from_dict",
+    "apply_overrides",
+]
+
+
+FeaturizerConfig = WindowConfig
+"""The featurizer slot's configurations (a union as more featurizers arrive)."""
 
 
 @dataclass(frozen=True)
 class ScorerSpec:
-    """Everything that defines how a window scorer is fitted."""
+    """Everything that defines how a scorer is fitted.
 
-    windows: WindowConfig
+    ``windows_per_image`` feature rows are drawn from each training image per epoch (random
+    positions); ``basis_rows`` rows in all fit the featurizer (the PCA basis of the window
+    featurizer); ``val_fraction`` of the images are held out whole for early stopping and the
+    threshold."""
+
+    featurizer: FeaturizerConfig
     flow: FlowConfig = field(default_factory=MAFConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     windows_per_image: int = 256
-    pca_windows: int = 20_000
+    basis_rows: int = 20_000
     threshold_quantile: float = 0.99
+    val_fraction: float = 0.1
     dequantize: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.windows_per_image < 1 or self.pca_windows < 2:
-            raise ValueError("windows_per_image must be >= 1 and pca_windows >= 2")
+        if self.windows_per_image < 1 or self.basis_rows < 2:
+            raise ValueError("windows_per_image must be >= 1 and basis_rows >= 2")
         if not 0 < self.threshold_quantile < 1:
             raise ValueError("threshold_quantile must be in (0, 1)")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError("val_fraction must be in (0, 1)")
+
+    @property
+    def features(self) -> int:
+        """Length of the feature vectors the flow models."""
+        return self.featurizer.features
 
 
 PRESETS: dict[str, ScorerSpec] = {
     # full resolution, 46×46×3 windows, stride 8, top 100 principal components
-    "grain-full": ScorerSpec(WindowConfig(window=46, stride=8, scale=1.0, components=100)),
+    "grain-full": ScorerSpec(
+        featurizer=WindowConfig(window=46, stride=8, scale=1.0, components=100)
+    ),
     # 25 % scale, 11×11×3 = 363 dims, stride 2, no reduction
-    "grain-quarter": ScorerSpec(WindowConfig(window=11, stride=2, scale=0.25, components=None)),
+    "grain-quarter": ScorerSpec(
+        featurizer=WindowConfig(window=11, stride=2, scale=0.25, components=None)
+    ),
 }
 
 
@@ -92,18 +134,88 @@ def project_windows(feat: WindowFeaturizer, windows: torch.Tensor) -> torch.Tens
     return windows @ weight.reshape(weight.shape[0], -1).T + bias
 
 
+# The featurizer-generic steps of fitting. Each works on a few images at a time, so the Ray
+# Train job can run them in data tasks, image by image.
+
+
+def basis_sample(
+    spec: ScorerSpec, images: Sequence[np.ndarray], per_image: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Rows that fit the featurizer (raw windows for the PCA basis), ``per_image`` from each
+    RGB uint8 image: (n, d) float32."""
+    return sample_windows(images, spec.featurizer, per_image, gen)
+
+
+def fit_featurizer(spec: ScorerSpec, rows: torch.Tensor) -> WindowFeaturizer:
+    """Fit the featurizer on the rows of :func:`basis_sample`."""
+    return fit_window_featurizer(rows, spec.featurizer, seed=spec.seed)
+
+
+@torch.no_grad()
+def feature_rows(
+    featurizer: WindowFeaturizer,
+    spec: ScorerSpec,
+    images: Sequence[np.ndarray],
+    per_image: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Feature rows for the flow, ``per_image`` random positions from each image (with the
+    dequantisation noise when ``spec.dequantize``): (n, D) float32."""
+    windows = sample_windows(images, spec.featurizer, per_image, gen, spec.dequantize)
+    return project_windows(featurizer, windows.to(featurizer.mean.device))
+
+
+def image_generator(seed: int, key: str) -> torch.Generator:
+    """A generator seeded from ``seed`` and a stable key (an image path): the same image
+    always yields the same validation windows, on any worker."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def split_holdout(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split items (by a stable key such as the image path) into (train, held-out) indices.
+    Whole images are held out; the split depends only on the key and the seed, so it is the
+    same on every run and machine. At least one item lands on each side when there are two."""
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 images to hold some out, got {len(keys)}")
+    u = [
+        int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") / 2**64
+        for k in keys
+    ]
+    val = [i for i, x in enumerate(u) if x < fraction]
+    if not val:
+        val = [min(range(len(keys)), key=u.__getitem__)]
+    if len(val) == len(keys):
+        val.remove(max(range(len(keys)), key=u.__getitem__))
+    held = set(val)
+    return [i for i in range(len(keys)) if i not in held], sorted(val)
+
+
 @torch.no_grad()
 def calibrate(
-    scorer: Scorer, images: Sequence[np.ndarray], quantile: float, batch: int = 8
+    scorer: Scorer, images: Iterable[np.ndarray], quantile: float, batch: int = 8
 ) -> tuple[float, tuple[float, float]]:
     """Threshold (``quantile`` of anomaly_score) and heatmap clip range on held-out normal
     images. The clip is (0.1 %, 5 %) of their window log-likelihoods: overlays leave the 95 %
-    most typical windows of normal images clear and are fully red at the rarest 0.1 %."""
+    most typical windows of normal images clear and are fully red at the rarest 0.1 %.
+    Images of different sizes are scored in separate batches."""
     scores, lls = [], []
-    for start in range(0, len(images), batch):
-        sb = scorer.score(np.stack(images[start : start + batch]))
-        scores.append(sb.summary["anomaly_score"])
-        lls.append(sb.grid.reshape(-1))
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pending:
+            sb = scorer.score(np.stack(pending))
+            scores.append(sb.summary["anomaly_score"])
+            lls.append(sb.grid.reshape(-1))
+            pending.clear()
+
+    for img in images:
+        if pending and (img.shape != pending[0].shape or len(pending) >= batch):
+            flush()
+        pending.append(img)
+    flush()
+    if not scores:
+        raise ValueError("calibration needs at least one held-out image")
     s = np.concatenate(scores)
     ll = np.concatenate(lls)
     lo, hi = np.quantile(ll, [0.001, 0.05])
@@ -117,25 +229,22 @@ def fit_scorer(
     on_epoch: Callable[[EpochStats], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[Scorer, FitReport]:
-    """Fit a window scorer on RGB uint8 images (each H×W×3; sizes may differ between images).
-    ``val_images`` are whole images held out from training."""
+    """Fit a scorer in this process on RGB uint8 images (each H×W×3; sizes may differ).
+    ``val_images`` are whole images held out from training. The windows are drawn once (the
+    Ray Train job draws fresh ones every epoch)."""
     if len(train_images) < 1 or len(val_images) < 1:
         raise ValueError("need at least one training and one held-out validation image")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed)
-    per = spec.windows_per_image
-    train_w = sample_windows(train_images, spec.windows, per, gen, spec.dequantize)
-    val_w = sample_windows(val_images, spec.windows, per, gen, spec.dequantize)
-    pca_idx = torch.randperm(train_w.shape[0], generator=gen)[: spec.pca_windows]
-    feat = fit_window_featurizer(train_w[pca_idx], spec.windows, seed=spec.seed)
-    x_train = project_windows(feat, train_w)
-    x_val = project_windows(feat, val_w)
-    del train_w, val_w
+    per_basis = max(1, -(-spec.basis_rows // len(train_images)))
+    feat = fit_featurizer(spec, basis_sample(spec, train_images, per_basis, gen)).to(device)
+    x_train = feature_rows(feat, spec, train_images, spec.windows_per_image, gen)
+    x_val = feature_rows(feat, spec, val_images, spec.windows_per_image, gen)
     torch.manual_seed(spec.seed)
-    flow = build_flow(spec.windows.features, spec.flow).to(device)
+    flow = build_flow(spec.features, spec.flow).to(device)
     fit_cfg = replace(spec.fit, seed=spec.seed)
-    result = fit_flow(flow, x_train.to(device), x_val.to(device), fit_cfg, on_epoch)
-    scorer = Scorer(feat.to(device), flow, flow_config=spec.flow).eval()
+    result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch)
+    scorer = Scorer(feat, flow, flow_config=spec.flow).eval()
     threshold, clip = calibrate(scorer, val_images, spec.threshold_quantile)
     scorer.threshold, scorer.heatmap_clip = threshold, clip
     report = FitReport(
@@ -152,3 +261,110 @@ def fit_scorer(
     )
     scorer.training_stats = report.as_dict()
     return scorer, report
+
+
+# ------------------------------------------------------------------ configuration as data
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names where and which key."""
+
+
+FEATURIZER_TYPES: dict[str, type[WindowConfig]] = {"windows": WindowConfig}
+_FEATURIZER_NAMES = {cls: name for name, cls in FEATURIZER_TYPES.items()}
+_SCALARS = (
+    "windows_per_image",
+    "basis_rows",
+    "threshold_quantile",
+    "val_fraction",
+    "dequantize",
+    "seed",
+)
+
+
+def featurizer_config_to_dict(cfg: FeaturizerConfig) -> dict[str, Any]:
+    d: dict[str, Any] = {"type": _FEATURIZER_NAMES[type(cfg)]}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        d[f.name] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    allowed = {f.name for f in fields(cls) if f.init}
+    for key in d:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def featurizer_config_from_dict(d: dict[str, Any], where: str = "featurizer") -> FeaturizerConfig:
+    d = dict(d)
+    kind = d.pop("type", None)
+    if kind not in FEATURIZER_TYPES:
+        raise ConfigError(f"{where}.type must be one of {sorted(FEATURIZER_TYPES)}, got {kind!r}")
+    cfg: FeaturizerConfig = _build(FEATURIZER_TYPES[kind], d, where)
+    return cfg
+
+
+def spec_to_dict(spec: ScorerSpec) -> dict[str, Any]:
+    """Plain JSON/TOML-able form of a spec (the bundle, MLflow parameters, Ray workers)."""
+    return {
+        "featurizer": featurizer_config_to_dict(spec.featurizer),
+        "flow": flow_config_to_dict(spec.flow),
+        "fit": asdict(spec.fit),
+        **{k: getattr(spec, k) for k in _SCALARS},
+    }
+
+
+def spec_from_dict(d: dict[str, Any], where: str = "spec") -> ScorerSpec:
+    """Inverse of :func:`spec_to_dict`; unknown keys are errors naming ``where`` and the key."""
+    return apply_overrides(None, d, where)
+
+
+def apply_overrides(base: ScorerSpec | None, d: dict[str, Any], where: str) -> ScorerSpec:
+    """``base`` with the fields of ``d`` replaced: sections ``featurizer``, ``flow``, ``fit``
+    (tables of fields) and the scalar fields. A section that changes ``type`` starts from that
+    type's defaults. Unknown keys raise :class:`ConfigError` naming ``where`` and the key."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a table of settings")
+    known = {"featurizer", "flow", "fit", *_SCALARS}
+    for key in d:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    for section in ("featurizer", "flow", "fit"):
+        if section in d and not isinstance(d[section], dict):
+            raise ConfigError(f"{where}: {section!r} must be a table, e.g. [{section}]")
+    if base is None:
+        for section in ("featurizer",):
+            if section not in d:
+                raise ConfigError(f"{where}: missing section {section!r}")
+        base_d: dict[str, Any] = {"fit": {}, "flow": {"type": "maf"}}
+    else:
+        base_d = spec_to_dict(base)
+
+    def merged(section: str) -> dict[str, Any]:
+        cur = dict(base_d.get(section) or {})
+        new = dict(d.get(section) or {})
+        if "type" in new and new["type"] != cur.get("type"):
+            cur = {}
+        cur.update(new)
+        return cur
+
+    feat = featurizer_config_from_dict(merged("featurizer"), f"{where}: featurizer")
+    flow_d = merged("flow")
+    try:
+        flow = flow_config_from_dict(flow_d, where=f"{where}: flow")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from e
+    fit_cfg = _build(FitConfig, merged("fit"), f"{where}: fit")
+    scalars: dict[str, Any] = {
+        k: d.get(k, base_d.get(k)) for k in _SCALARS if k in d or k in base_d
+    }
+    try:
+        return ScorerSpec(featurizer=feat, flow=flow, fit=fit_cfg, **scalars)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e

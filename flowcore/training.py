@@ -15,7 +15,17 @@ from torch import Tensor
 
 from .flows import Flow
 
-__all__ = ["FitConfig", "EpochStats", "FitResult", "fit_flow", "mean_nll", "train_epoch"]
+__all__ = [
+    "FitConfig",
+    "EpochStats",
+    "FitResult",
+    "EarlyStopping",
+    "fit_flow",
+    "mean_nll",
+    "train_epoch",
+    "optimizer_tensors",
+    "load_optimizer_tensors",
+]
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,40 @@ def train_epoch(
     return total / max(1, count)
 
 
+class EarlyStopping:
+    """Early-stopping bookkeeping on held-out NLL, shared by :func:`fit_flow` and the
+    distributed loop (where every worker sees the same all-reduced NLL and so takes the same
+    decision). Patience restarts only on an improvement of at least ``min_delta``; the best
+    epoch is tracked regardless of the margin."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.best_epoch = 0
+        self.bad = 0
+
+    def update(self, epoch: int, val_nll: float) -> bool:
+        """Record an epoch; returns whether it is the best so far."""
+        is_best = math.isfinite(val_nll) and val_nll < self.best
+        self.bad = 0 if is_best and val_nll < self.best - self.min_delta else self.bad + 1
+        if is_best:
+            self.best, self.best_epoch = val_nll, epoch
+        return is_best
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad > self.patience
+
+    def state(self) -> dict[str, float | int]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad}
+
+    def load_state(self, d: dict[str, float | int]) -> None:
+        self.best = float(d["best"])
+        self.best_epoch = int(d["best_epoch"])
+        self.bad = int(d["bad"])
+
+
 def fit_flow(
     flow: Flow,
     train: Tensor,
@@ -123,29 +167,50 @@ def fit_flow(
         raise ValueError("need at least 2 training rows and 1 validation row")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = math.inf
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     best_state = copy.deepcopy(flow.state_dict())
     result = FitResult(best_epoch=0, best_val_nll=math.inf)
-    bad = 0
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         train_nll = train_epoch(flow, opt, train, cfg, gen)
         val_nll = mean_nll(flow, val)
         dt = time.perf_counter() - t0
-        is_best = math.isfinite(val_nll) and val_nll < best
-        # patience restarts only on a real improvement; the best weights are kept regardless
-        bad = 0 if is_best and val_nll < best - cfg.min_delta else bad + 1
+        is_best = stopper.update(epoch, val_nll)
         if is_best:
-            best = val_nll
             best_state = copy.deepcopy(flow.state_dict())
             result.best_epoch, result.best_val_nll = epoch, val_nll
-        stats = EpochStats(epoch, train_nll, val_nll, dt, train.shape[0] / dt, best, is_best)
+        stats = EpochStats(
+            epoch, train_nll, val_nll, dt, train.shape[0] / dt, stopper.best, is_best
+        )
         result.history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-        if bad > cfg.patience:
+        if stopper.should_stop:
             result.stopped_early = True
             break
     flow.load_state_dict(best_state)
     flow.eval()
     return result
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The per-parameter state of an optimizer (Adam's step, exp_avg, exp_avg_sq) as a flat
+    ``{"<param index>.<name>": tensor}`` dict that safetensors can store: checkpoints never
+    need pickle. Hyper-parameters are not stored (they come from the config)."""
+    out: dict[str, Tensor] = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            t = value if isinstance(value, Tensor) else torch.tensor(value)
+            out[f"{pid}.{key}"] = t.detach().cpu().contiguous().clone()
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    """Inverse of :func:`optimizer_tensors` for an optimizer built over the same parameters."""
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, t in tensors.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = t
+    sd["state"] = state
+    opt.load_state_dict(sd)

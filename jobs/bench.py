@@ -37,7 +37,7 @@ __all__ = ["random_scorer", "gemm_gflops", "naive_row_loop", "run_bench", "forma
 def random_scorer(preset: str, seed: int = 0) -> Scorer:
     """The preset's scorer with a random orthonormal basis and a fresh flow."""
     spec = PRESETS[preset]
-    cfg = spec.windows
+    cfg = spec.featurizer
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(cfg.dims, cfg.features, generator=gen))

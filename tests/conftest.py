@@ -35,11 +35,11 @@ def small_scorer() -> Scorer:
     """A window scorer fitted in about a second on generated textures."""
     torch.manual_seed(0)
     spec = ScorerSpec(
-        windows=WindowConfig(window=8, stride=4, components=16),
+        featurizer=WindowConfig(window=8, stride=4, components=16),
         flow=MAFConfig(blocks=2, hidden=32),
         fit=FitConfig(max_epochs=8, batch_size=256, lr=3e-3),
         windows_per_image=200,
-        pca_windows=2000,
+        basis_rows=2000,
     )
     scorer, _ = fit_scorer(texture(12, 48, 64, 1), texture(4, 48, 64, 2), spec)
     return scorer

@@ -102,11 +102,11 @@ def test_heatmap_to_image_places_cells_at_window_centres() -> None:
 
 def test_fit_uses_held_out_images_for_validation_and_threshold() -> None:
     spec = ScorerSpec(
-        windows=WindowConfig(window=6, stride=3, components=8),
+        featurizer=WindowConfig(window=6, stride=3, components=8),
         flow=MAFConfig(blocks=1, hidden=16),
         fit=FitConfig(max_epochs=3),
         windows_per_image=50,
-        pca_windows=500,
+        basis_rows=500,
     )
     train, val = texture(4, 30, 30, 1), texture(3, 30, 30, 2)
     scorer, rep = fit_scorer(train, val, spec)
