@@ -1,7 +1,12 @@
 """The model bundle: a directory with ``flowscore.json`` (configs, statistics, threshold,
 versions) and ``weights.safetensors`` (every tensor). Loading never unpickles anything: the
 JSON is parsed with ``json``, the tensors with safetensors, and every tensor's name, shape and
-dtype is checked against the model the JSON describes before any weight is used."""
+dtype is checked against the model the JSON describes before any weight is used.
+
+Featurizers: ``windows`` (PCA mean, basis, scale) and ``cnn`` (the backbone's weights and
+BatchNorm statistics, the ImageNet normalisation and the fitted standardisation, all in
+``weights.safetensors`` under ``featurizer.*``; the JSON holds its ``CNNConfig``). The JSON of
+a ``windows`` bundle is unchanged since format version 1."""
 
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .cnn import CNNFeaturizer
+from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
-from .scorer import Scorer
+from .scorer import FeaturizerModule, Scorer
 from .windows import WindowConfig, WindowFeaturizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]
@@ -45,39 +52,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _window_cfg_from_dict(d: dict[str, Any], where: str) -> WindowConfig:
-    d = dict(d)
-    kind = d.pop("type", None)
-    if kind != "windows":
-        raise BundleError(
-            f"{where}: featurizer.type {kind!r} is not supported (expected 'windows')"
-        )
-    allowed = {"window", "stride", "scale", "components", "whiten"}
-    unknown = set(d) - allowed
-    if unknown:
-        raise BundleError(f"{where}: unknown featurizer key(s) {sorted(unknown)}")
+def _featurizer_from_meta(d: dict[str, Any], where: str) -> FeaturizerModule:
+    """An empty featurizer of the configuration ``d`` (its tensors are loaded next)."""
     try:
-        return WindowConfig(**d)
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{where}: bad featurizer config: {e}") from e
+        cfg = featurizer_config_from_dict(d, where=f"{where}: featurizer")
+    except ConfigError as e:
+        raise BundleError(str(e)) from e
+    if isinstance(cfg, WindowConfig):
+        return WindowFeaturizer(cfg)
+    # allocated, not initialised: the strict check below guarantees every tensor is loaded
+    return CNNFeaturizer(cfg, init=False)
 
 
 def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | None = None) -> Path:
     """Write the bundle directory (created if missing; files replaced atomically)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = scorer.featurizer.cfg
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "featurizer": {
-            "type": "windows",
-            "window": cfg.window,
-            "stride": cfg.stride,
-            "scale": cfg.scale,
-            "components": cfg.components,
-            "whiten": cfg.whiten,
-        },
+        "featurizer": featurizer_config_to_dict(scorer.featurizer.cfg),
         "flow": {"features": scorer.flow.features, **flow_config_to_dict(scorer.flow_config)},
         "threshold": scorer.threshold if math.isfinite(scorer.threshold) else None,
         "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
@@ -134,13 +128,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
             )
     meta = read_meta(root)
     meta_path = root / META_FILE
-    wcfg = _window_cfg_from_dict(meta["featurizer"], str(meta_path))
+    featurizer = _featurizer_from_meta(meta["featurizer"], str(meta_path))
+    n_features = featurizer.cfg.features
     flow_d = dict(meta["flow"])
     features = flow_d.pop("features", None)
-    if features != wcfg.features:
+    if features != n_features:
         raise BundleError(
             f"{meta_path}: flow.features={features!r} does not match the featurizer's "
-            f"{wcfg.features} output features"
+            f"{n_features} output features"
         )
     try:
         flow_cfg = flow_config_from_dict(flow_d, where=f"{meta_path}: flow")
@@ -149,8 +144,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     clip = meta.get("heatmap_clip")
     thr = meta.get("threshold")
     scorer = Scorer(
-        WindowFeaturizer(wcfg),
-        build_flow(wcfg.features, flow_cfg),
+        featurizer,
+        build_flow(n_features, flow_cfg),
         flow_config=flow_cfg,
         threshold=math.inf if thr is None else float(thr),
         heatmap_clip=(float(clip[0]), float(clip[1])) if clip else None,

@@ -6,23 +6,47 @@
 3. Score the held-out images whole: the threshold is a high quantile (default 0.99) of their
    ``anomaly_score``; the heatmap clip range is the 0.1 % and 5 % quantiles of their windows.
 
-Presets name the two configurations of the grain paper. The Ray Train job calls the same
-pieces per worker.
+Presets name the two configurations of the grain paper, and ``cnn`` (a resnet18 feature grid
+with an affine-coupling flow). The Ray Train job calls the same pieces per worker.
+
+The featurizer-generic steps and how a CNN backbone's weights reach them (``backbone_state``:
+a plain ``dict[str, Tensor]`` from :func:`flowcore.cnn.read_backbone_weights`, read once from
+the user's file and shipped to workers as tensors; ``None`` = the random backbone seeded by
+``spec.seed``, identical in every process)::
+
+    base = init_featurizer(spec, backbone_state)          # once per process; windows: identity
+    rows = basis_sample(spec, images, per_image, gen, featurizer=base)       # per image
+    feat = fit_featurizer(spec, all_rows, backbone_state)  # or featurizer=base
+    x = feature_rows(feat, spec, images, per_image, gen)                     # per image
+
+The window featurizer needs neither ``featurizer=`` nor ``backbone_state``. For the CNN,
+``basis_sample`` without ``featurizer=`` uses the seeded random backbone (cached per process),
+so it must be given ``base`` whenever weights are given.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from .flows import FlowConfig, MAFConfig, build_flow, flow_config_from_dict, flow_config_to_dict
-from .scorer import Scorer
+from .cnn import CNNConfig, CNNFeaturizer, fit_standardization, sample_cells
+from .flows import (
+    CouplingConfig,
+    FlowConfig,
+    MAFConfig,
+    build_flow,
+    flow_config_from_dict,
+    flow_config_to_dict,
+)
+from .scorer import FeaturizerModule, Scorer
 from .training import EpochStats, FitConfig, fit_flow
 from .windows import WindowConfig, WindowFeaturizer, fit_window_featurizer, sample_windows
 
@@ -33,6 +57,7 @@ __all__ = [
     "FitReport",
     "fit_scorer",
     "project_windows",
+    "init_featurizer",
     "basis_sample",
     "fit_featurizer",
     "feature_rows",
@@ -49,8 +74,8 @@ __all__ = [
 ]
 
 
-FeaturizerConfig = WindowConfig
-"""The featurizer slot's configurations (a union as more featurizers arrive)."""
+FeaturizerConfig = WindowConfig | CNNConfig
+"""The featurizer slot's configurations."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,17 @@ PRESETS: dict[str, ScorerSpec] = {
     "grain-quarter": ScorerSpec(
         featurizer=WindowConfig(window=11, stride=2, scale=0.25, components=None)
     ),
+    # resnet18 layer2 + layer3 (128 + 256 = 384 channels) at 50 % scale: a 29×40 grid of
+    # 8-pixel cells on a 460×640 image; affine coupling (DifferNet-style soft clamp α = 3).
+    # Meant for ImageNet weights (``--backbone-weights``); without them the backbone keeps its
+    # random initialisation, a much weaker random-feature extractor (the CLI warns).
+    "cnn": ScorerSpec(
+        featurizer=CNNConfig(backbone="resnet18", layers=("layer2", "layer3"), scale=0.5),
+        flow=CouplingConfig(blocks=6, hidden=(256,), clamp=3.0),
+        fit=FitConfig(batch_size=256, lr=5e-4, max_epochs=40, patience=5),
+        windows_per_image=256,
+        basis_rows=10_000,
+    ),
 }
 
 
@@ -138,29 +174,111 @@ def project_windows(feat: WindowFeaturizer, windows: torch.Tensor) -> torch.Tens
 # Train job can run them in data tasks, image by image.
 
 
+@functools.lru_cache(maxsize=1)
+def _seeded_cnn(cfg: CNNConfig, seed: int) -> CNNFeaturizer:
+    """The random backbone of (cfg, seed), built once per process (read-only: callers that
+    modify it get a copy)."""
+    return CNNFeaturizer(cfg, seed=seed).eval()
+
+
+def init_featurizer(
+    spec: ScorerSpec, backbone_state: Mapping[str, torch.Tensor] | None = None
+) -> FeaturizerModule:
+    """The unfitted featurizer of ``spec``: for the CNN, the backbone with ``backbone_state``
+    loaded (checked by name and shape; see :func:`flowcore.cnn.read_backbone_weights`), or
+    with its random initialisation seeded by ``spec.seed`` when ``None`` (the same in every
+    process), and identity standardisation; for windows, the identity projection (windows
+    take no ``backbone_state``)."""
+    cfg = spec.featurizer
+    if isinstance(cfg, CNNConfig):
+        if backbone_state is None:
+            return copy.deepcopy(_seeded_cnn(cfg, spec.seed))
+        feat = CNNFeaturizer(cfg, init=False)  # every tensor is overwritten by the state
+        feat.load_backbone_state(backbone_state)
+        return feat.eval()
+    if backbone_state is not None:
+        raise ValueError("backbone weights were given, but the windows featurizer has none")
+    return WindowFeaturizer(cfg)
+
+
+def _cnn_base(spec: ScorerSpec, featurizer: FeaturizerModule | None) -> CNNFeaturizer:
+    assert isinstance(spec.featurizer, CNNConfig)
+    if featurizer is None:
+        return _seeded_cnn(spec.featurizer, spec.seed)
+    if not isinstance(featurizer, CNNFeaturizer) or featurizer.cfg != spec.featurizer:
+        raise ValueError(
+            f"featurizer does not match the spec's {spec.featurizer}: pass the one "
+            f"init_featurizer(spec, backbone_state) built"
+        )
+    return featurizer
+
+
 def basis_sample(
-    spec: ScorerSpec, images: Sequence[np.ndarray], per_image: int, gen: torch.Generator
+    spec: ScorerSpec,
+    images: Sequence[np.ndarray],
+    per_image: int,
+    gen: torch.Generator,
+    featurizer: FeaturizerModule | None = None,
 ) -> torch.Tensor:
-    """Rows that fit the featurizer (raw windows for the PCA basis), ``per_image`` from each
-    RGB uint8 image: (n, d) float32."""
+    """Rows that fit the featurizer, ``per_image`` from each RGB uint8 image: (n, d) float32
+    on the CPU. Windows: raw windows for the PCA basis (d = 3·w·w). CNN: raw (unstandardised)
+    feature vectors at random cells (d = D), computed with ``featurizer`` (the one of
+    :func:`init_featurizer`, which carries the backbone weights; ``None`` = the random
+    backbone seeded by ``spec.seed``)."""
+    if isinstance(spec.featurizer, CNNConfig):
+        base = _cnn_base(spec, featurizer)
+        return sample_cells(base, images, per_image, gen, raw=True).cpu()
     return sample_windows(images, spec.featurizer, per_image, gen)
 
 
-def fit_featurizer(spec: ScorerSpec, rows: torch.Tensor) -> WindowFeaturizer:
-    """Fit the featurizer on the rows of :func:`basis_sample`."""
-    return fit_window_featurizer(rows, spec.featurizer, seed=spec.seed)
+def fit_featurizer(
+    spec: ScorerSpec,
+    rows: torch.Tensor,
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    featurizer: FeaturizerModule | None = None,
+) -> FeaturizerModule:
+    """Fit the featurizer on the rows of :func:`basis_sample`. Windows: the PCA basis. CNN:
+    the per-channel mean and 1/std (floored) of the raw rows, installed in a new featurizer
+    whose backbone is ``featurizer``'s (copied; the one ``basis_sample`` used), else built
+    from ``backbone_state``, else the random one seeded by ``spec.seed``."""
+    cfg = spec.featurizer
+    if isinstance(cfg, CNNConfig):
+        if featurizer is not None and backbone_state is not None:
+            raise ValueError("pass either featurizer= or backbone_state, not both")
+        if rows.ndim != 2 or rows.shape[1] != cfg.features:
+            raise ValueError(f"rows must be (n, {cfg.features}), got {tuple(rows.shape)}")
+        feat: FeaturizerModule = (
+            copy.deepcopy(_cnn_base(spec, featurizer))
+            if featurizer is not None
+            else init_featurizer(spec, backbone_state)
+        )
+        assert isinstance(feat, CNNFeaturizer)
+        mean, inv_std = fit_standardization(rows)
+        feat.set_standardization(mean.to(feat.device), inv_std.to(feat.device))
+        return feat
+    if backbone_state is not None:
+        raise ValueError("backbone weights were given, but the windows featurizer has none")
+    return fit_window_featurizer(rows, cfg, seed=spec.seed)
 
 
 @torch.no_grad()
 def feature_rows(
-    featurizer: WindowFeaturizer,
+    featurizer: FeaturizerModule,
     spec: ScorerSpec,
     images: Sequence[np.ndarray],
     per_image: int,
     gen: torch.Generator,
 ) -> torch.Tensor:
     """Feature rows for the flow, ``per_image`` random positions from each image (with the
-    dequantisation noise when ``spec.dequantize``): (n, D) float32."""
+    dequantisation noise when ``spec.dequantize``): (n, D) float32 on the featurizer's
+    device. CNN: standardised features at random cells of the grid."""
+    if isinstance(featurizer, CNNFeaturizer):
+        if featurizer.cfg != spec.featurizer:
+            raise ValueError(f"featurizer {featurizer.cfg} does not match {spec.featurizer}")
+        return sample_cells(featurizer, images, per_image, gen, dequantize=spec.dequantize)
+    if not isinstance(spec.featurizer, WindowConfig):
+        raise TypeError(f"a {type(featurizer).__name__} does not fit {spec.featurizer}")
     windows = sample_windows(images, spec.featurizer, per_image, gen, spec.dequantize)
     return project_windows(featurizer, windows.to(featurizer.mean.device))
 
@@ -228,16 +346,24 @@ def fit_scorer(
     spec: ScorerSpec,
     on_epoch: Callable[[EpochStats], None] | None = None,
     device: str | torch.device = "cpu",
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Scorer, FitReport]:
     """Fit a scorer in this process on RGB uint8 images (each H×W×3; sizes may differ).
     ``val_images`` are whole images held out from training. The windows are drawn once (the
-    Ray Train job draws fresh ones every epoch)."""
+    Ray Train job draws fresh ones every epoch). ``backbone_state``: CNN backbone weights
+    (:func:`flowcore.cnn.read_backbone_weights`); ``None`` = random, seeded by ``spec.seed``."""
     if len(train_images) < 1 or len(val_images) < 1:
         raise ValueError("need at least one training and one held-out validation image")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(spec.seed)
     per_basis = max(1, -(-spec.basis_rows // len(train_images)))
-    feat = fit_featurizer(spec, basis_sample(spec, train_images, per_basis, gen)).to(device)
+    if isinstance(spec.featurizer, CNNConfig):
+        base = init_featurizer(spec, backbone_state).to(device)
+        rows = basis_sample(spec, train_images, per_basis, gen, featurizer=base)
+        feat = fit_featurizer(spec, rows, featurizer=base)
+    else:
+        rows = basis_sample(spec, train_images, per_basis, gen)
+        feat = fit_featurizer(spec, rows, backbone_state).to(device)
     x_train = feature_rows(feat, spec, train_images, spec.windows_per_image, gen)
     x_val = feature_rows(feat, spec, val_images, spec.windows_per_image, gen)
     torch.manual_seed(spec.seed)
@@ -270,7 +396,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names where and which key."""
 
 
-FEATURIZER_TYPES: dict[str, type[WindowConfig]] = {"windows": WindowConfig}
+FEATURIZER_TYPES: dict[str, type[WindowConfig] | type[CNNConfig]] = {
+    "windows": WindowConfig,
+    "cnn": CNNConfig,
+}
 _FEATURIZER_NAMES = {cls: name for name, cls in FEATURIZER_TYPES.items()}
 _SCALARS = (
     "windows_per_image",

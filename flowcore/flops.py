@@ -1,16 +1,24 @@
 """FLOPs per image counted from a scorer's shapes (multiply-adds count 2). Only the matrix
-products are counted (projection and the flow's linear layers); element-wise work
-(activations, exp, log-det sums, quantiles) is small beside them and left out."""
+products are counted (the featurizer's projection or convolutions, and the flow's linear
+layers); element-wise work (activations, pooling, normalisation, resampling, exp, log-det
+sums, quantiles) is small beside them and left out.
+
+Window featurizer: the projection of every window onto the basis, ``2·cells·d·k``. CNN
+featurizer: every ``Conv2d`` and ``Linear`` of the truncated backbone, counted by forward hooks
+on one dry run of a zero image of the given size (output elements × input channels per group ×
+kernel area)."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from .cnn import CNNFeaturizer, cnn_grid_shape
 from .flows.bnaf import MaskedWeight
-from .scorer import Scorer
+from .scorer import FeaturizerModule, Scorer
 from .windows import grid_shape
 
-__all__ = ["flow_flops_per_row", "flops_per_image"]
+__all__ = ["flow_flops_per_row", "backbone_flops", "featurizer_flops", "flops_per_image"]
 
 
 def flow_flops_per_row(flow: nn.Module) -> int:
@@ -24,11 +32,54 @@ def flow_flops_per_row(flow: nn.Module) -> int:
     return total
 
 
-def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
-    """{"projection", "flow", "total", "windows"} for one image of the given size."""
-    cfg = scorer.featurizer.cfg
+@torch.no_grad()
+def backbone_flops(featurizer: CNNFeaturizer, height: int, width: int) -> int:
+    """FLOPs of the CNN featurizer's backbone on one (height × width) image: the convolutions
+    and linear layers it runs, from the shapes seen on a dry run of a zero image."""
+    total = 0
+
+    def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        per_out = 0
+        if isinstance(m, nn.Conv2d):
+            kh, kw = m.kernel_size
+            per_out = m.in_channels // m.groups * kh * kw
+        elif isinstance(m, nn.Linear):
+            per_out = m.in_features
+        total += 2 * per_out * out[0].numel()  # one image: the batch is 1
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in featurizer.backbone.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    try:
+        featurizer.raw(torch.zeros(1, 3, height, width, device=featurizer.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def featurizer_flops(featurizer: FeaturizerModule, height: int, width: int) -> int:
+    """FLOPs of the featurizer on one full-resolution (height × width) image."""
+    if isinstance(featurizer, CNNFeaturizer):
+        return backbone_flops(featurizer, height, width)
+    cfg = featurizer.cfg
     gh, gw = grid_shape(height, width, cfg)
+    return 2 * gh * gw * cfg.dims * cfg.features
+
+
+def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
+    """{"windows", "projection", "flow", "total"} for one image of the given size: ``windows``
+    is the number of grid cells, ``projection`` the featurizer's FLOPs (the PCA projection of
+    the windows, or the CNN backbone's convolutions)."""
+    feat = scorer.featurizer
+    if isinstance(feat, CNNFeaturizer):
+        gh, gw = cnn_grid_shape(height, width, feat.cfg)
+    else:
+        gh, gw = grid_shape(height, width, feat.cfg)
     windows = gh * gw
-    projection = 2 * windows * cfg.dims * cfg.features
+    projection = featurizer_flops(scorer.featurizer, height, width)
     flow = windows * flow_flops_per_row(scorer.flow)
     return {"windows": windows, "projection": projection, "flow": flow, "total": projection + flow}

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .cnn import CNNFeaturizer
 from .flows import Flow, FlowConfig, MAFConfig
-from .windows import WindowConfig, WindowFeaturizer, to_tensor
+from .windows import Geometry, WindowFeaturizer, to_tensor
 
 __all__ = [
     "PERCENTILES",
     "SUMMARY_COLUMNS",
     "Geometry",
     "Featurizer",
+    "FeaturizerModule",
     "Scorer",
     "ScoredBatch",
     "summarize",
@@ -44,16 +46,6 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Maps heatmap cell (i, j) to the image: it covers rows [i·s/scale, (i·s + w)/scale) and
-    columns [j·s/scale, (j·s + w)/scale) of the full-resolution image."""
-
-    window: int
-    stride: int
-    scale: float
-
-
 class Featurizer(Protocol):
     """The featurizer slot: (N, 3, H, W) in [0, 1] -> (N, D, gh, gw)."""
 
@@ -63,8 +55,9 @@ class Featurizer(Protocol):
     def geometry(self) -> Geometry: ...
 
 
-def _window_geometry(cfg: WindowConfig) -> Geometry:
-    return Geometry(cfg.window, cfg.stride, cfg.scale)
+FeaturizerModule = WindowFeaturizer | CNNFeaturizer
+"""The featurizers a :class:`Scorer` (and a bundle) can hold; each has ``cfg``, ``geometry``
+and a ``mean`` buffer (which gives the device)."""
 
 
 @dataclass
@@ -100,7 +93,7 @@ class Scorer(nn.Module):
 
     def __init__(
         self,
-        featurizer: WindowFeaturizer,
+        featurizer: FeaturizerModule,
         flow: Flow,
         *,
         flow_config: FlowConfig | None = None,
@@ -109,7 +102,7 @@ class Scorer(nn.Module):
         chunk_rows: int = 4096,
     ) -> None:
         super().__init__()
-        self.featurizer = featurizer
+        self.featurizer: FeaturizerModule = featurizer
         self.flow = flow
         self.threshold = float(threshold)
         self.heatmap_clip = heatmap_clip
@@ -119,7 +112,7 @@ class Scorer(nn.Module):
 
     @property
     def geometry(self) -> Geometry:
-        return _window_geometry(self.featurizer.cfg)
+        return self.featurizer.geometry
 
     @property
     def device(self) -> torch.device:

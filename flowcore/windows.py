@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "Geometry",
     "WindowConfig",
     "WindowFeaturizer",
     "to_tensor",
@@ -34,6 +35,18 @@ __all__ = [
     "fit_window_featurizer",
     "extract_windows",
 ]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps heatmap cell (i, j) to the image: it covers rows [i·s/scale, (i·s + w)/scale) and
+    columns [j·s/scale, (j·s + w)/scale) of the full-resolution image; its centre is at
+    ((i·s + w/2)/scale, (j·s + w/2)/scale). (Defined here, re-exported by ``flowcore.scorer``,
+    so that every featurizer module can name it without an import cycle.)"""
+
+    window: int
+    stride: int
+    scale: float
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,11 @@ class WindowFeaturizer(nn.Module):
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("basis", torch.eye(d)[:, :k].contiguous())
         self.register_buffer("inv_scale", torch.ones(k))
+
+    @property
+    def geometry(self) -> Geometry:
+        """Cell (i, j) is the window at (i·stride, j·stride) of the image resized by scale."""
+        return Geometry(self.cfg.window, self.cfg.stride, self.cfg.scale)
 
     def set_basis(self, mean: Tensor, basis: Tensor, inv_scale: Tensor) -> None:
         """Install a fitted basis (shapes (d,), (d, k), (k,))."""

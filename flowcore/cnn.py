@@ -1,0 +1,514 @@
+"""CNN feature-grid featurizer: a torchvision backbone cut at named layers; each spatial cell of
+the finest chosen layer is one feature vector.
+
+    image (N, 3, H, W) in [0, 1]
+      ─resize by scale─▶ ─ImageNet mean/std─▶ backbone (eval, frozen) ─▶ chosen layers
+      ─coarser layers resampled onto the finest layer's grid, concatenated─▶ (N, D, gh, gw) raw
+      ─per-channel standardisation (mean, inv_std fitted on training rows)─▶ (N, D, gh, gw)
+
+Backbones: ``resnet18`` and ``wide_resnet50_2`` (nodes ``layer1`` … ``layer4``) and ``alexnet``
+(nodes ``features.0`` … ``features.12``; the node names of torchvision's feature extraction),
+built with ``weights=None``: nothing is ever
+downloaded. Real weights come from a file the user names (``flowscore train --backbone-weights
+PATH``, a torchvision ``.pth`` state dict or a ``.safetensors`` file), read once by
+:func:`read_backbone_weights` and then travel as a plain ``dict[str, Tensor]``; the fitted
+scorer keeps them in its bundle's ``weights.safetensors``. Without weights the backbone keeps
+its random initialisation, seeded (``seed``) so that every process builds the very same one:
+it still works as a random-feature extractor, but much more weakly than ImageNet weights (the
+CLI warns).
+
+Geometry: a cell of a layer with total stride ``s`` sits, for an input of any size, at input
+pixel ``off + s·i`` (the centre of its receptive field, from the layer's kernel/stride/padding
+chain; ``off`` = 0 for resnets, 3 for alexnet's ``features.0``). Coarser layers are resampled
+bilinearly at exactly those positions (not with ``interpolate``'s half-cell shift), and
+:attr:`CNNFeaturizer.geometry` is ``Geometry(window=2·off + 1, stride=s, scale)``: the
+``window`` is not the receptive field (hundreds of pixels) but the width whose centre is the
+receptive-field centre, so ``heatmap_to_image`` puts each cell where the network looks.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+from torchvision.models import alexnet, resnet18, wide_resnet50_2
+
+from .windows import Geometry, resize, scaled_size, to_tensor
+
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CNNConfig",
+    "CNNFeaturizer",
+    "BackboneWeightsError",
+    "TruncatedBackbone",
+    "build_backbone",
+    "cnn_grid_shape",
+    "read_backbone_weights",
+    "load_backbone_weights",
+    "fit_standardization",
+    "sample_cells",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+_Op = tuple[int, int, int]  # (kernel, stride, padding) of a square conv / pool
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A node of a backbone: its channels and the (kernel, stride, padding) chain from the
+    input to it (stride-1 'same' convs included for completeness)."""
+
+    channels: int
+    ops: tuple[_Op, ...]
+
+    @property
+    def stride(self) -> int:
+        s = 1
+        for _, st, _ in self.ops:
+            s *= st
+        return s
+
+    @property
+    def offset(self) -> float:
+        """Input pixel index of the receptive-field centre of cell 0."""
+        c = 0.0
+        for k, s, p in reversed(self.ops):
+            c = c * s - p + (k - 1) / 2
+        return c
+
+    def size(self, n: int) -> int:
+        """Output length of this layer for an input of length ``n``."""
+        for k, s, p in self.ops:
+            n = (n + 2 * p - k) // s + 1
+        return n
+
+
+def _resnet(widths: tuple[int, int, int, int]) -> dict[str, _Layer]:
+    stem: tuple[_Op, ...] = ((7, 2, 3), (3, 2, 1))  # conv1, maxpool
+    down: _Op = (3, 2, 1)  # first conv of layer2..4 (its 1×1/2 shortcut has the same grid)
+    return {f"layer{k + 1}": _Layer(w, stem + (down,) * k) for k, w in enumerate(widths)}
+
+
+def _alexnet() -> dict[str, _Layer]:
+    conv0: _Op = (11, 4, 2)
+    pool: _Op = (3, 2, 0)
+    c5: _Op = (5, 1, 2)
+    c3: _Op = (3, 1, 1)
+    chain: list[tuple[int, tuple[_Op, ...]]] = [
+        (64, (conv0,)),  # features.0 conv, .1 relu
+        (64, (conv0,)),
+        (64, (conv0, pool)),  # .2 maxpool
+        (192, (conv0, pool, c5)),  # .3 conv, .4 relu
+        (192, (conv0, pool, c5)),
+        (192, (conv0, pool, c5, pool)),  # .5 maxpool
+        (384, (conv0, pool, c5, pool, c3)),  # .6 conv, .7 relu
+        (384, (conv0, pool, c5, pool, c3)),
+        (256, (conv0, pool, c5, pool, c3, c3)),  # .8 conv, .9 relu
+        (256, (conv0, pool, c5, pool, c3, c3)),
+        (256, (conv0, pool, c5, pool, c3, c3, c3)),  # .10 conv, .11 relu
+        (256, (conv0, pool, c5, pool, c3, c3, c3)),
+        (256, (conv0, pool, c5, pool, c3, c3, c3, pool)),  # .12 maxpool
+    ]
+    return {f"features.{i}": _Layer(c, ops) for i, (c, ops) in enumerate(chain)}
+
+
+_LAYERS: dict[str, dict[str, _Layer]] = {
+    "resnet18": _resnet((64, 128, 256, 512)),
+    "wide_resnet50_2": _resnet((256, 512, 1024, 2048)),
+    "alexnet": _alexnet(),
+}
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "wide_resnet50_2": wide_resnet50_2,
+    "alexnet": alexnet,
+}
+BACKBONES: tuple[str, ...] = tuple(_LAYERS)
+"""The backbones a :class:`CNNConfig` may name."""
+
+
+@dataclass(frozen=True)
+class CNNConfig:
+    """Backbone, the node names of the layers to read (torchvision feature-extraction names:
+    ``layer1`` … ``layer4`` for resnets, ``features.0`` … ``features.12`` for alexnet; the
+    feature vector is their channels concatenated in this order) and the input resize factor
+    applied before the backbone."""
+
+    backbone: str = "resnet18"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    scale: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backbone not in _LAYERS:
+            raise ValueError(
+                f"CNNConfig.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}"
+            )
+        layers: Any = self.layers
+        if isinstance(layers, str) or not isinstance(layers, Sequence):
+            raise ValueError(
+                f"CNNConfig.layers must be a list of layer names, e.g. ['layer2', 'layer3'], "
+                f"got {layers!r}"
+            )
+        object.__setattr__(self, "layers", tuple(layers))
+        known = _LAYERS[self.backbone]
+        if not self.layers:
+            raise ValueError("CNNConfig.layers must name at least one layer")
+        for name in self.layers:
+            if name not in known:
+                raise ValueError(
+                    f"CNNConfig.layers: {name!r} is not a layer of {self.backbone} "
+                    f"(known: {', '.join(known)})"
+                )
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"CNNConfig.layers has duplicates: {list(self.layers)}")
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"CNNConfig.scale must be in (0, 1], got {self.scale}")
+
+    @property
+    def features(self) -> int:
+        """Length of a feature vector: the channels of the chosen layers, summed."""
+        return sum(_LAYERS[self.backbone][n].channels for n in self.layers)
+
+    @property
+    def dims(self) -> int:
+        """Length of a row of ``basis_sample`` (a raw feature vector): same as ``features``."""
+        return self.features
+
+    @property
+    def finest(self) -> str:
+        """The chosen layer with the smallest stride, whose grid is the feature grid."""
+        return min(self.layers, key=lambda n: _LAYERS[self.backbone][n].stride)
+
+    @property
+    def stride(self) -> int:
+        """Stride of the feature grid in backbone-input (resized) pixels."""
+        return _LAYERS[self.backbone][self.finest].stride
+
+
+def cnn_grid_shape(height: int, width: int, cfg: CNNConfig) -> tuple[int, int]:
+    """(gh, gw) of the feature grid of an image of the given full-resolution size (computed
+    from the layer's kernel/stride/padding chain, equal to the backbone's output size)."""
+    h, w = scaled_size(height, width, cfg.scale)
+    table = _LAYERS[cfg.backbone]
+    for name in cfg.layers:
+        if table[name].size(h) < 1 or table[name].size(w) < 1:
+            raise ValueError(
+                f"image {height}×{width} (×{cfg.scale}) is too small for {cfg.backbone} {name}"
+            )
+    layer = table[cfg.finest]
+    return layer.size(h), layer.size(w)
+
+
+class BackboneWeightsError(ValueError):
+    """Backbone weights that do not fit; the message names the file (or source) and keys."""
+
+
+class TruncatedBackbone(nn.Module):
+    """The stages of a torchvision model up to the deepest chosen node, under the model's own
+    attribute names (so its state-dict keys are the torchvision ones: ``conv1.weight``,
+    ``layer2.0.bn1.running_mean``, ``features.3.weight``); the rest (deeper stages, the
+    classifier) is dropped. ``forward``: (N, 3, h, w) normalised -> {node: (N, C, gh, gw)}.
+
+    Plain truncation rather than ``create_feature_extractor``: same node names, but an
+    ordinary module that deep-copies and pickles with its eval mode intact."""
+
+    def __init__(self, model: nn.Module, cfg: CNNConfig) -> None:
+        super().__init__()
+        table = list(_LAYERS[cfg.backbone])
+        last = max(table.index(n) for n in cfg.layers)
+        if cfg.backbone == "alexnet":
+            features = model.get_submodule("features")
+            assert isinstance(features, nn.Sequential)
+            self.features = features[: last + 1]  # keeps the indices, hence the keys
+            self.nodes = [f"features.{i}" for i in range(last + 1)]
+        else:
+            self.nodes = ["conv1", "bn1", "relu", "maxpool", *table[: last + 1]]
+            for name in self.nodes:
+                self.add_module(name, model.get_submodule(name))
+        self.wanted = tuple(cfg.layers)
+        for m in self.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False  # an in-place ReLU would overwrite a returned conv output
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name in self.nodes:
+            x = self.get_submodule(name)(x)
+            if name in self.wanted:
+                out[name] = x
+        return out
+
+
+def build_backbone(cfg: CNNConfig, seed: int = 0, *, init: bool = True) -> TruncatedBackbone:
+    """The truncated backbone: ``x`` (N, 3, h, w) normalised -> {layer: (N, C, gh_l, gw_l)}.
+
+    Built with ``weights=None``. With ``init`` the parameters get torchvision's random
+    initialisation drawn from a CPU generator seeded with ``seed`` (the global RNG state is
+    left as it was), so every process builds identical weights. Without ``init`` the tensors
+    are allocated but not initialised (fast; for loading a complete state right after).
+    Parameters are frozen (``requires_grad=False``) and the module is in eval mode."""
+    builder = _BUILDERS[cfg.backbone]
+    if init:
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            backbone = TruncatedBackbone(builder(weights=None), cfg)
+    else:
+        with torch.device("meta"):
+            backbone = TruncatedBackbone(builder(weights=None), cfg)
+        backbone = backbone.to_empty(device="cpu")
+    backbone.requires_grad_(False)
+    return backbone.eval()
+
+
+def _backbone_template(cfg: CNNConfig) -> dict[str, Tensor]:
+    """Names, shapes and dtypes (meta tensors) of the truncated backbone's state."""
+    with torch.device("meta"):
+        return dict(TruncatedBackbone(_BUILDERS[cfg.backbone](weights=None), cfg).state_dict())
+
+
+def _check_state(
+    expected: Mapping[str, Tensor], state: Mapping[str, Any], source: str, what: str
+) -> dict[str, Tensor]:
+    """The tensors of ``state`` that ``expected`` names, checked and converted to the
+    expected dtype on the CPU. Extra keys (a classifier head, layers past the cut) are
+    ignored; a missing key or a wrong shape is an error naming ``source`` and the key.
+    BatchNorm's ``num_batches_tracked`` (absent from old torchvision files, unused in eval
+    mode) is filled with 0 when missing."""
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5])
+        raise BackboneWeightsError(
+            f"{source}: {len(missing)} tensor(s) that {what} needs are missing, e.g. {shown} "
+            f"(expected a torchvision state dict of that architecture; "
+            f"{len(state)} keys found)"
+        )
+    out: dict[str, Tensor] = {}
+    for key, ref in expected.items():
+        got = state.get(key)
+        if got is None:
+            out[key] = torch.zeros(ref.shape, dtype=ref.dtype)
+            continue
+        if not isinstance(got, Tensor):
+            raise BackboneWeightsError(f"{source}: {key!r} is not a tensor ({type(got).__name__})")
+        if tuple(got.shape) != tuple(ref.shape):
+            raise BackboneWeightsError(
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, {what} needs "
+                f"{tuple(ref.shape)}"
+            )
+        if got.is_floating_point() != ref.is_floating_point():
+            raise BackboneWeightsError(
+                f"{source}: tensor {key!r} has dtype {got.dtype}, {what} needs {ref.dtype}"
+            )
+        out[key] = got.detach().to(device="cpu", dtype=ref.dtype).contiguous()
+    return out
+
+
+def _read_state_file(path: str | Path) -> dict[str, Any]:
+    """A state dict from ``.safetensors`` (safetensors) or a torch file (``torch.load`` with
+    ``weights_only=True``: the restricted unpickler, no code runs). A checkpoint that wraps
+    the weights in ``state_dict``/``model`` is unwrapped; a ``module.`` prefix (DataParallel)
+    is stripped."""
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneWeightsError(f"{p}: backbone weights file not found")
+    obj: Any
+    if p.suffix.lower() == ".safetensors":
+        try:
+            obj = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BackboneWeightsError(f"{p}: not a readable safetensors file ({e})") from e
+    else:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
+            raise BackboneWeightsError(
+                f"{p}: not a torch state dict readable with weights_only=True ({e})"
+            ) from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise BackboneWeightsError(f"{p}: expected a state dict (name -> tensor)")
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def read_backbone_weights(path: str | Path, cfg: CNNConfig) -> dict[str, Tensor]:
+    """Read the user's backbone weights file (``--backbone-weights PATH``) for ``cfg``: the
+    tensors the truncated backbone needs, checked by name and shape, float32 on the CPU.
+    Nothing is built or initialised (the check uses meta tensors). This is the state to hand
+    to ``flowcore.fit.init_featurizer`` / ``fit_featurizer`` / ``fit_scorer`` (and to ship to
+    Ray workers)."""
+    what = f"the {cfg.backbone} backbone cut at {', '.join(cfg.layers)}"
+    return _check_state(_backbone_template(cfg), _read_state_file(path), str(path), what)
+
+
+def load_backbone_weights(target: CNNFeaturizer | nn.Module, path: str | Path) -> dict[str, Tensor]:
+    """Load weights from ``path`` into a featurizer's backbone (or into any torchvision
+    module, checked against its own state) in place; returns the state that was loaded."""
+    module = target.backbone if isinstance(target, CNNFeaturizer) else target
+    what = "the backbone" if isinstance(target, CNNFeaturizer) else type(module).__name__
+    state = _check_state(module.state_dict(), _read_state_file(path), str(path), what)
+    module.load_state_dict(state, strict=True)
+    return state
+
+
+def fit_standardization(rows: Tensor, rel_floor: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Per-channel mean (D,) and 1/std (D,) of raw feature rows (n, D), in float64 then
+    float32. The std is floored at ``rel_floor`` × the mean std (and 1e-6): a channel that is
+    constant on the training rows (a dead ReLU) is not blown up by 1/0 when it moves."""
+    if rows.ndim != 2 or rows.shape[0] < 2:
+        raise ValueError(f"need rows (n >= 2, D) to fit a standardisation, got {rows.shape}")
+    x = rows.double()
+    mean = x.mean(dim=0)
+    std = x.std(dim=0)
+    floor = max(1e-6, rel_floor * float(std.mean()))
+    return mean.float(), std.clamp_min(floor).reciprocal().float()
+
+
+class CNNFeaturizer(nn.Module):
+    """(N, 3, H, W) images in [0, 1] -> (N, D, gh, gw) standardised CNN features.
+
+    Buffers: ``pixel_mean``/``pixel_std`` (3,) ImageNet normalisation, ``mean``/``inv_std``
+    (D,) the fitted standardisation (identity until :meth:`set_standardization`). The
+    backbone is always in eval mode (BatchNorm uses its running statistics) and frozen;
+    gradients with respect to the input still flow (gradient maps)."""
+
+    pixel_mean: Tensor
+    pixel_std: Tensor
+    mean: Tensor
+    inv_std: Tensor
+
+    def __init__(self, cfg: CNNConfig, seed: int = 0, *, init: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg, seed, init=init)
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD))
+        self.register_buffer("mean", torch.zeros(cfg.features))
+        self.register_buffer("inv_std", torch.ones(cfg.features))
+
+    def train(self, mode: bool = True) -> Self:
+        """Sets the mode of this module, but the backbone stays in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    @property
+    def geometry(self) -> Geometry:
+        """Cell (i, j) is centred on resized pixel (off + s·i, off + s·j): window 2·off + 1."""
+        layer = _LAYERS[self.cfg.backbone][self.cfg.finest]
+        return Geometry(int(round(2 * layer.offset + 1)), layer.stride, self.cfg.scale)
+
+    def set_standardization(self, mean: Tensor, inv_std: Tensor) -> None:
+        """Install a fitted standardisation (shapes (D,), (D,))."""
+        d = self.cfg.features
+        if mean.shape != (d,) or inv_std.shape != (d,):
+            raise ValueError(f"standardisation shapes must be ({d},), ({d},)")
+        with torch.no_grad():
+            self.mean.copy_(mean)
+            self.inv_std.copy_(inv_std)
+
+    def load_backbone_state(
+        self, state: Mapping[str, Tensor], source: str = "backbone state"
+    ) -> None:
+        """Load backbone weights (e.g. from :func:`read_backbone_weights`), checked by name and
+        shape against this backbone; errors name ``source`` and the key."""
+        what = f"the {self.cfg.backbone} backbone cut at {', '.join(self.cfg.layers)}"
+        checked = _check_state(self.backbone.state_dict(), state, source, what)
+        self.backbone.load_state_dict(checked, strict=True)
+
+    def _resample(self, fmap: Tensor, name: str, size: tuple[int, int]) -> Tensor:
+        """Bilinear resampling of layer ``name`` (N, C, h, w) at the receptive-field centres
+        of the finest layer's cells (N, C, *size); edges are held."""
+        table = _LAYERS[self.cfg.backbone]
+        fine, coarse = table[self.cfg.finest], table[name]
+        axes = []
+        for n_out, n_in in zip(size, fmap.shape[-2:], strict=True):
+            centres = fine.offset + fine.stride * torch.arange(n_out, dtype=fmap.dtype)
+            u = (centres - coarse.offset) / coarse.stride  # index in the coarse grid
+            axes.append(u * (2.0 / (n_in - 1)) - 1.0 if n_in > 1 else torch.zeros_like(u))
+        gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1).to(fmap.device)[None].expand(fmap.shape[0], -1, -1, -1)
+        return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    def raw(self, x: Tensor) -> Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, D, gh, gw) features before standardisation."""
+        cnn_grid_shape(x.shape[-2], x.shape[-1], self.cfg)  # a clear error if too small
+        x = resize(x, self.cfg.scale)
+        x = (x - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        out: dict[str, Tensor] = self.backbone(x)
+        size = (out[self.cfg.finest].shape[-2], out[self.cfg.finest].shape[-1])
+        maps = [
+            out[n] if out[n].shape[-2:] == size else self._resample(out[n], n, size)
+            for n in self.cfg.layers
+        ]
+        return torch.cat(maps, dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (self.raw(x) - self.mean[:, None, None]) * self.inv_std[:, None, None]
+
+
+def _groups(images: Sequence[np.ndarray], batch: int) -> Iterator[list[np.ndarray]]:
+    """Consecutive runs of same-size images, at most ``batch`` long."""
+    group: list[np.ndarray] = []
+    for img in images:
+        if group and (img.shape != group[0].shape or len(group) >= batch):
+            yield group
+            group = []
+        group.append(np.asarray(img))
+    if group:
+        yield group
+
+
+@torch.no_grad()
+def sample_cells(
+    featurizer: CNNFeaturizer,
+    images: Sequence[np.ndarray],
+    per_image: int,
+    generator: torch.Generator,
+    *,
+    raw: bool = False,
+    dequantize: bool = False,
+    batch: int = 4,
+) -> Tensor:
+    """Feature vectors at ``per_image`` random cells (drawn with replacement) of each RGB uint8
+    image: (n, D) float32 on the featurizer's device; standardised, or before the
+    standardisation with ``raw``. With ``dequantize``, uniform noise of one grey level (1/256)
+    is added to the input pixels first. Images go through the backbone ``batch`` at a time
+    (same-size runs), so memory is bounded by a few images' activations; the random draws are
+    made image by image, so the rows do not depend on ``batch``."""
+    cfg, dev = featurizer.cfg, featurizer.device
+    rows = []
+    for group in _groups(images, batch):
+        x = to_tensor(np.stack(group))
+        h, w = x.shape[-2:]
+        gh, gw = cnn_grid_shape(h, w, cfg)
+        picks = []
+        for k in range(x.shape[0]):
+            if dequantize:
+                x[k] += torch.rand(x[k].shape, generator=generator) / 256.0
+            picks.append(torch.randint(0, gh * gw, (per_image,), generator=generator))
+        f = featurizer.raw(x.to(dev)) if raw else featurizer(x.to(dev))  # (b, D, gh, gw)
+        flat = f.flatten(2)  # (b, D, gh·gw)
+        idx = torch.stack(picks).to(dev)[:, None, :].expand(-1, flat.shape[1], -1)
+        rows.append(flat.gather(2, idx).transpose(1, 2).reshape(-1, flat.shape[1]))
+    return torch.cat(rows).float()
