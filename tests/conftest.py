@@ -1,8 +1,18 @@
-"""Shared fixtures: small fitted scorers built from generated data (nothing downloaded)."""
+"""Shared fixtures: small fitted scorers built from generated data (nothing downloaded), and
+servers started once per session (a real ``mlflow server``, a ``moto_server`` for S3)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,3 +53,230 @@ def small_scorer() -> Scorer:
     )
     scorer, _ = fit_scorer(texture(12, 48, 64, 1), texture(4, 48, 64, 2), spec)
     return scorer
+
+
+# ---------------------------------------------------------------------------------------
+# Servers: a real `mlflow server` and a `moto_server` (S3), each started once per session
+# on a free port of 127.0.0.1 and stopped (with all its children) when the session ends.
+# ---------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _venv_tool(name: str) -> list[str] | None:
+    """The console script ``name`` installed next to this interpreter, if there is one."""
+    exe = Path(sys.executable).parent / name
+    return [str(exe)] if exe.exists() else None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux only)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphans if pytest is killed
+    except Exception:
+        pass
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of ``proc``; SIGKILL it after ``grace_s`` seconds."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # children (uvicorn workers) may outlive the CLI process for a moment
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=5)
+
+
+def _log_tail(log: Path, chars: int = 4000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no output)"
+
+
+def _wait_http(
+    url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float, ok_any: bool
+) -> None:
+    """Poll ``url`` until it answers (200, or any HTTP status if ``ok_any``) or fail the test."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(
+                f"{what} exited with status {proc.returncode} before answering {url}:\n"
+                f"{_log_tail(log)}",
+                pytrace=False,
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            if ok_any:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"{what} did not answer {url} within {timeout_s:g} s; its output:\n"
+                f"{_log_tail(log)}",
+                pytrace=False,
+            )
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied local artifacts).
+
+    Yields its URI ``http://127.0.0.1:PORT``. Started once per session (about 10 s), with one
+    worker and MLflow's job runner disabled to save memory; stopped with SIGTERM (then
+    SIGKILL after 10 s) at the end of the session. Mark tests that use it ``mlflow_server``.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = (_venv_tool("mlflow") or [sys.executable, "-m", "mlflow"]) + [
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner processes
+    log = root / "server.log"
+    proc = _start(cmd, log, env)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        _wait_http(f"{uri}/health", proc, log, "mlflow server", timeout_s=60, ok_any=False)
+        yield uri
+    finally:
+        _stop(proc)
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A ``moto_server`` (in-memory S3) on 127.0.0.1, for the whole session.
+
+    Sets ``AWS_ENDPOINT_URL`` to it and fake credentials (``testing``) and region
+    (``us-east-1``) in ``os.environ`` until the session ends, then restores them; yields the
+    endpoint URL. Create buckets with :func:`make_bucket`. Mark tests that use it ``s3``.
+    """
+    root = tmp_path_factory.mktemp("moto")
+    port = _free_port()
+    cmd = (_venv_tool("moto_server") or [sys.executable, "-m", "moto.server"]) + [
+        "-H",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    log = root / "moto.log"
+    proc = _start(cmd, log)
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait_http(endpoint, proc, log, "moto_server", timeout_s=30, ok_any=True)
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _stop(proc)
+
+
+def make_bucket(name: str) -> None:
+    """Create S3 bucket ``name`` on the ``s3_server`` (idempotent).
+
+    Uses boto3 with endpoint, credentials and region from the environment the fixture set;
+    no ``region_name`` or location constraint is passed (with moto that broke creation).
+    """
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    try:
+        s3.create_bucket(Bucket=name)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+
+
+@pytest.fixture
+def flowscore_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ``FLOWSCORE_HOME`` for one test, with ``MLFLOW_TRACKING_URI`` unset."""
+    home = tmp_path / "flowscore-home"
+    home.mkdir()
+    monkeypatch.setenv("FLOWSCORE_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server: str) -> Iterator[None]:
+    """Local Ray, started once per session (use with marker ``ray``). The S3 server starts
+    first so that Ray's worker processes inherit its endpoint and test credentials."""
+    import ray
+
+    from pipelines.raycluster import ensure_ray
+
+    ensure_ray()
+    yield
+    ray.shutdown()
