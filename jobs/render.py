@@ -10,7 +10,7 @@ from PIL import Image
 
 from flowcore.scorer import Geometry, heatmap_to_image
 
-__all__ = ["overlay", "side_by_side", "save_overlay"]
+__all__ = ["overlay", "side_by_side", "save_overlay", "save_roc_curves", "save_loss_curve"]
 
 DARK_RED = np.array([139.0, 0.0, 0.0])
 
@@ -52,4 +52,82 @@ def save_overlay(
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(side_by_side(rgb, overlay(rgb, grid, geometry, clip))).save(p)
+    return p
+
+
+def save_roc_curves(
+    path: str | Path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]],
+    title: str,
+) -> Path:
+    """Write ROC curves as a PNG: one line per method (``{method: (fpr, tpr, auroc)}``), its
+    AUROC in the legend ("n/a" when None), and the chance diagonal. Methods with an empty
+    curve are listed in the legend without a line.
+
+    Uses a bare matplotlib ``Figure`` on the Agg canvas: no pyplot state, no GUI backend, and
+    nothing left open once the function returns."""
+    # Imported here: matplotlib costs a noticeable import time that only this needs.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(5.5, 5.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
+    for name, (fpr, tpr, auc) in curves.items():
+        label = f"{name} (AUROC {auc:.3f})" if auc is not None else f"{name} (AUROC n/a)"
+        x = np.asarray(fpr, dtype=float).reshape(-1)
+        y = np.asarray(tpr, dtype=float).reshape(-1)
+        if x.shape != y.shape:
+            raise ValueError(f"{name}: fpr has {x.size} points but tpr has {y.size}")
+        if x.size:
+            ax.plot(x, y, linewidth=1.6, label=label, drawstyle="default")
+        else:
+            ax.plot([], [], linewidth=1.6, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(p, format="png")
+    fig.clear()
+    return p
+
+
+def save_loss_curve(path: str | Path, history: list[dict[str, float]], title: str) -> Path:
+    """Write the per-epoch training and validation NLL (nats per window) as a PNG, the best
+    epoch marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6.0, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    epochs = [int(h["epoch"]) for h in history]
+    ax.plot(epochs, [h["train_nll"] for h in history], marker="o", label="train NLL")
+    ax.plot(epochs, [h["val_nll"] for h in history], marker="o", label="held-out NLL")
+    if history:
+        best = min(history, key=lambda h: h["val_nll"])
+        ax.axvline(int(best["epoch"]), color="0.6", linestyle="--", linewidth=1)
+        ax.annotate(
+            f"best epoch {int(best['epoch'])}",
+            (int(best["epoch"]), best["val_nll"]),
+            textcoords="offset points",
+            xytext=(6, 10),
+        )
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("negative log-likelihood (nats / window)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(p)
     return p
