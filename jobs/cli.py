@@ -17,7 +17,9 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 # names of flowcore.fit.PRESETS, repeated here so --help needs no torch import (a test checks)
-PRESET_NAMES = ("grain-full", "grain-quarter")
+PRESET_NAMES = ("grain-full", "grain-quarter", "cnn")
+# bench measures the window presets (its naive reference is the window sweep)
+BENCH_PRESET_NAMES = PRESET_NAMES[:2]
 
 
 class UsageError(Exception):
@@ -97,6 +99,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- train
+
+
+def _only(values: list[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    out: dict[str, tuple[str, ...]] = {}
+    for text in values or []:
+        key, sep, vals = text.partition("=")
+        if not sep or not key or not vals:
+            raise UsageError(f"--only expects KEY=V1[,V2...], e.g. year=2017,2018; got {text!r}")
+        out[key] = tuple(v for v in vals.split(",") if v)
+    return tuple(out.items())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from jobs.train import TrainRequest, TrainUsageError, run_train, stderr_log
+    from pipelines.tracking import ModelResolutionError, TrackingError
+
+    req = TrainRequest(
+        archive=args.archive,
+        name=args.name,
+        preset=args.preset,
+        config=args.config,
+        workers=args.workers,
+        use_gpu=args.use_gpu,
+        promote=not args.no_promote,
+        resume=args.resume,
+        only=_only(args.only),
+        skip_labelled_anomalies=args.skip_labelled_anomalies,
+        max_epochs=args.max_epochs,
+        backbone_weights=args.backbone_weights,
+        ray_address=args.ray_address,
+        max_failures=args.max_failures,
+    )
+    try:
+        out = run_train(req, stderr_log(args.quiet))
+    except (TrainUsageError, TrackingError, ModelResolutionError) as e:
+        raise UsageError(str(e)) from e
+    print(
+        f"trained {req.name}: held-out NLL {out.best_val_nll:.3f} (untrained flow: "
+        f"{out.initial_val_nll:.3f}), threshold {out.threshold:.3f}, "
+        f"{out.train_images} training / {out.val_images} held-out images",
+        file=sys.stderr,
+    )
+    if req.promote:
+        print(f"alias champion -> version {out.version}", file=sys.stderr)
+    print(out.model_uri)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from jobs.evaluate import EvalRequest, EvalUsageError, run_evaluate
+    from jobs.train import stderr_log
+    from pipelines.tracking import ModelResolutionError, TrackingError
+
+    req = EvalRequest(
+        archive=args.archive,
+        model=args.model,
+        json_path=args.json,
+        out_dir=args.out,
+        train_archive=args.train_archive,
+        only=_only(args.only),
+        baseline_rows=args.baseline_rows,
+        log_mlflow=not args.no_mlflow,
+    )
+    try:
+        run_evaluate(req, stderr_log(args.quiet))
+    except (EvalUsageError, TrackingError, ModelResolutionError) as e:
+        raise UsageError(str(e)) from e
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -123,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowscore",
         description="Score image archives for anomalies with normalizing flows: synthesize "
-        "data, measure speed, and run the end-to-end demo.",
+        "data, train and register scorers, evaluate them, measure speed, run the demo.",
         epilog="Run 'flowscore COMMAND --help' for the flags of a command.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -176,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--preset",
-        choices=PRESET_NAMES,
+        choices=BENCH_PRESET_NAMES,
         default="grain-full",
         help="model shapes to measure (default: %(default)s)",
     )
@@ -207,6 +283,111 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser(
+        "train",
+        help="fit a scorer on Ray Train, log it to MLflow, register a model version",
+        description="Fit a scorer on the images of an archive with Ray Train: whole images "
+        "are held out for validation, the featurizer (PCA basis) is fitted on a sample of "
+        "windows, then the flow is trained on --workers workers with early stopping on the "
+        "held-out NLL and a checkpoint every epoch. The run, its parameters, per-epoch "
+        "metrics, the model bundle, a loss curve and heatmap overlays go to MLflow "
+        "(MLFLOW_TRACKING_URI, else sqlite under FLOWSCORE_HOME); a new version of NAME is "
+        "registered and alias 'champion' moved to it. Prints the model URI on stdout.",
+    )
+    t.add_argument("--archive", required=True, help="local path or s3://bucket/prefix")
+    t.add_argument("--name", required=True, help="registered model name")
+    t.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default="grain-full",
+        help="grain-full: 46×46×3 windows, stride 8, 100 PCA components, MAF; grain-quarter: "
+        "11×11×3 windows at 25 %% scale, stride 2, no reduction, MAF; cnn: resnet18 feature "
+        "grid with an affine-coupling flow (default: %(default)s)",
+    )
+    t.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="override any spec field: top-level keys windows_per_image, basis_rows, "
+        "threshold_quantile, val_fraction, dequantize, seed; tables [featurizer], [flow], [fit]",
+    )
+    t.add_argument(
+        "--workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)"
+    )
+    t.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    t.add_argument(
+        "--no-promote", action="store_true", help="register the version, leave 'champion'"
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the last unfinished run of NAME from its latest checkpoint",
+    )
+    t.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="train on images whose path column KEY is one of the values, e.g. "
+        "--only year=2017,2018 (repeatable)",
+    )
+    t.add_argument(
+        "--skip-labelled-anomalies",
+        action="store_true",
+        help="leave out images that the archive's _truth/labels.csv marks anomalous",
+    )
+    t.add_argument("--max-epochs", type=_positive_int, help="override fit.max_epochs")
+    t.add_argument(
+        "--backbone-weights",
+        metavar="PATH",
+        help="cnn preset: a .safetensors or torchvision .pth state dict for the backbone "
+        "(random weights otherwise, with a warning; nothing is downloaded)",
+    )
+    t.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="worker-group failures recovered from the last checkpoint before the job "
+        "fails (default: %(default)s)",
+    )
+    t.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="image and pixel AUROC against ground truth, beside baselines",
+        description="Score the labelled images of an archive (_truth/labels.csv, masks in "
+        "_truth/masks/) and report image AUROC (anomaly_score) and pixel AUROC (heatmap vs "
+        "masks) for the flow and for baselines fitted on the same features of windows of the "
+        "model's training images: IsolationForest, OneClassSVM, a full-covariance Gaussian "
+        "and PCA + nearest neighbour. Prints a table, writes ROC curves and evaluation.json, "
+        "and logs an MLflow run linked to the model version.",
+    )
+    e.add_argument("--archive", required=True, help="labelled archive: local path or s3://")
+    e.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir"
+    )
+    e.add_argument("--json", metavar="PATH", help="also write the result object here")
+    e.add_argument(
+        "--out", metavar="DIR", help="ROC PNGs and JSON (default: FLOWSCORE_HOME/evaluate/…)"
+    )
+    e.add_argument(
+        "--only", action="append", metavar="KEY=V1,V2", help="evaluate on these images only"
+    )
+    e.add_argument(
+        "--train-archive",
+        metavar="URI",
+        help="fit the baselines on this archive instead of the model's recorded training set",
+    )
+    e.add_argument(
+        "--baseline-rows",
+        type=_positive_int,
+        default=20_000,
+        help="training windows the baselines are fitted on (default: %(default)s)",
+    )
+    e.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+    e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser(
         "demo",

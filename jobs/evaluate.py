@@ -1,0 +1,303 @@
+"""``flowscore evaluate``: how good is a model, honestly, against ground truth and baselines.
+
+For an archive with ``_truth/labels.csv`` (and masks for pixel scores): the flow's image
+AUROC (from ``anomaly_score``) and pixel AUROC (its heatmap upsampled to the image against
+the masks), beside four baselines fitted on the *same features of the same kind of windows*
+drawn from the model's own training images (the training archive, filters and hold-out split
+are recorded in the bundle; ``--train-archive`` overrides): IsolationForest, OneClassSVM, a
+full-covariance Gaussian, PCA + nearest neighbour. Also the flow's image AUROC per value of
+each path column (camera, year), which shows where a model is weak.
+
+Writes a table (stdout), the DESIGN.md JSON object (``--json``), ROC curves as PNGs, and an
+MLflow run tagged with the model version (whose tags get the headline figures).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["EvalRequest", "EvalUsageError", "run_evaluate"]
+
+EXPERIMENT = "flowscore-evaluate"
+Log = Callable[[str], None]
+
+
+class EvalUsageError(ValueError):
+    """Bad input: exit code 2."""
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    archive: str
+    model: str
+    json_path: str | None = None
+    out_dir: str | None = None
+    train_archive: str | None = None
+    only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    baseline_rows: int = 20_000
+    batch: int = 8
+    log_mlflow: bool = True
+
+
+def _training_images(meta: dict[str, Any], req: EvalRequest, log: Log) -> list[Any]:
+    """The model's training images (not its held-out ones): same archive, filters, split."""
+    from flowcore.fit import split_holdout
+    from pipelines.archive import ArchiveError, list_archive
+    from pipelines.truth import read_labels
+
+    archive = req.train_archive or meta.get("archive")
+    if not archive:
+        raise EvalUsageError(
+            "the model does not record its training archive (bundles from `flowscore train` "
+            "do); pass --train-archive URI to fit the baselines on"
+        )
+    try:
+        entries = sorted(list_archive(archive), key=lambda e: e.path)
+    except ArchiveError as e:
+        raise EvalUsageError(f"training archive: {e}") from e
+    if req.train_archive is None:
+        for key, values in (meta.get("only") or {}).items():
+            entries = [e for e in entries if e.columns.get(key) in values]
+        if meta.get("skip_labelled_anomalies"):
+            labels = read_labels(archive)
+            entries = [e for e in entries if labels.get(e.path, 0) == 0]
+        spec = meta.get("spec") or {}
+        if len(entries) >= 2:
+            idx, _ = split_holdout(
+                [e.path for e in entries], spec.get("val_fraction", 0.1), spec.get("seed", 0)
+            )
+            entries = [entries[i] for i in idx]
+    if not entries:
+        raise EvalUsageError(f"training archive {archive}: no images to fit the baselines on")
+    log(f"baselines: fitting on windows of {len(entries)} training images of {archive}")
+    return entries
+
+
+def _baseline_rows(scorer: Any, entries: Sequence[Any], max_rows: int, seed: int) -> np.ndarray:
+    """Feature rows at random positions of the training images, ``max_rows`` in all, drawn
+    with the model's own featurizer (the flow's training distribution)."""
+    import torch
+
+    from flowcore.fit import feature_rows, image_generator, spec_from_dict
+    from pipelines.archive import DecodeError, decode_image, read_bytes
+
+    spec = (
+        spec_from_dict(scorer.training_stats["spec"]) if "spec" in scorer.training_stats else None
+    )
+    per = max(1, -(-max_rows // len(entries)))
+    rows = []
+    for e in entries:
+        try:
+            img = decode_image(read_bytes(e.image_uri)).rgb
+        except DecodeError:
+            continue
+        gen = image_generator(seed, "baseline:" + e.path)
+        if spec is None:
+            raise EvalUsageError("the model's bundle records no spec; retrain it")
+        spec_nd = spec if not spec.dequantize else _no_dequantize(spec)
+        rows.append(feature_rows(scorer.featurizer, spec_nd, [img], per, gen))
+    if not rows:
+        raise EvalUsageError("no training image could be decoded for the baselines")
+    x = torch.cat(rows).numpy()
+    if x.shape[0] > max_rows:
+        x = x[np.random.default_rng(seed).choice(x.shape[0], max_rows, replace=False)]
+    return x
+
+
+def _no_dequantize(spec: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(spec, dequantize=False)
+
+
+def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
+    import torch
+
+    from flowcore.bundle import BundleError, load_bundle
+    from jobs.render import save_roc_curves
+    from pipelines import tracking
+    from pipelines.archive import ArchiveError, DecodeError, decode_image, list_archive, read_bytes
+    from pipelines.evaluation import METHODS, Evaluator, fit_baselines, format_table, image_auroc
+    from pipelines.paths import flowscore_home
+    from pipelines.truth import read_labels, read_mask
+
+    t0 = time.perf_counter()
+    # ground truth first: nothing to do without it
+    try:
+        labels = read_labels(req.archive)
+        entries = sorted(list_archive(req.archive), key=lambda e: e.path)
+    except ArchiveError as e:
+        raise EvalUsageError(str(e)) from e
+    if not labels:
+        raise EvalUsageError(
+            f"archive {req.archive} has no ground truth (_truth/labels.csv with path,label); "
+            "evaluate needs labelled images"
+        )
+    for key, values in req.only:
+        entries = [e for e in entries if e.columns.get(key) in values]
+    entries = [e for e in entries if e.path in labels]
+    n_anom = sum(labels[e.path] for e in entries)
+    if not entries or n_anom == 0 or n_anom == len(entries):
+        raise EvalUsageError(
+            f"archive {req.archive}: {len(entries)} labelled images, {n_anom} anomalous; AUROC "
+            "needs both normal and anomalous images"
+        )
+
+    resolved = tracking.resolve_model(req.model)
+    try:
+        scorer = load_bundle(resolved.path)
+    except BundleError as e:
+        raise EvalUsageError(str(e)) from e
+    meta = dict(scorer.training_stats)
+    seed = int((meta.get("spec") or {}).get("seed", 0))
+    train_entries = _training_images(meta, req, log)
+    rows = _baseline_rows(scorer, train_entries, req.baseline_rows, seed)
+    log(f"baselines: {rows.shape[0]} windows × {rows.shape[1]} features")
+    baselines = fit_baselines(rows, seed=seed)
+
+    evaluator = Evaluator(baselines, scorer.geometry)
+    flow_scores: list[float] = []
+    columns: list[dict[str, str]] = []
+    used_labels: list[int] = []
+    log(f"scoring {len(entries)} labelled images ({n_anom} anomalous) with every method")
+    pending: list[tuple[Any, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        imgs = np.stack([img for _, img in pending])
+        with torch.inference_mode():
+            feats = scorer.features(imgs)
+            grid = scorer.grid_from_features(feats)
+        labs = [labels[e.path] for e, _ in pending]
+        masks = [read_mask(req.archive, e.path) if labels[e.path] else None for e, _ in pending]
+        evaluator.add(
+            grid.float().cpu().numpy(),
+            feats.float().cpu().numpy(),
+            labs,
+            masks,
+            [img.shape[0] for _, img in pending],
+            [img.shape[1] for _, img in pending],
+        )
+        from flowcore.scorer import summarize
+
+        flow_scores.extend(summarize(grid)["anomaly_score"].cpu().tolist())
+        columns.extend(e.columns for e, _ in pending)
+        used_labels.extend(labs)
+        pending.clear()
+
+    skipped = 0
+    for k, e in enumerate(entries, start=1):
+        try:
+            img = decode_image(read_bytes(e.image_uri)).rgb
+        except DecodeError as err:
+            skipped += 1
+            log(f"skipped {e.image_uri}: {err.error_type}: {err.message}")
+            continue
+        if pending and (img.shape != pending[0][1].shape or len(pending) >= req.batch):
+            flush()
+        pending.append((e, img))
+        if k % 50 == 0:
+            log(f"  {k}/{len(entries)} images")
+    flush()
+    result = evaluator.result()
+    report = result.as_json(resolved.uri if resolved.version else req.model)
+    report["model_version"] = resolved.version
+    # where the flow is weak: its image AUROC per value of each path column
+    by_column: dict[str, dict[str, float | None]] = {}
+    keys = sorted({k for c in columns for k in c})
+    lab = np.asarray(used_labels)
+    sc = np.asarray(flow_scores)
+    for key in keys:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, c in enumerate(columns):
+            groups[c.get(key, "")].append(i)
+        if len(groups) > 1:
+            by_column[key] = {
+                v: image_auroc(sc[idx], lab[idx]) for v, idx in sorted(groups.items())
+            }
+    report["flow_image_auroc_by"] = by_column
+    report["skipped"] = skipped
+
+    out_dir = (
+        Path(req.out_dir)
+        if req.out_dir
+        else (
+            flowscore_home()
+            / "evaluate"
+            / f"{resolved.name or 'bundle'}-{resolved.version or 'local'}"
+        )
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    roc_image = save_roc_curves(out_dir / "roc_image.png", result.curves("image"), "image ROC")
+    pngs = [roc_image]
+    if any(m.pixel_auroc is not None for m in result.methods.values()):
+        pngs.append(save_roc_curves(out_dir / "roc_pixel.png", result.curves("pixel"), "pixel ROC"))
+    (out_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+    if req.json_path:
+        Path(req.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(req.json_path).write_text(json.dumps(report, indent=2) + "\n")
+
+    print(format_table(result))
+    for key, vals in by_column.items():
+        shown = ", ".join(f"{v}: {'—' if a is None else f'{a:.3f}'}" for v, a in vals.items())
+        print(f"flow image AUROC by {key}: {shown}")
+    log(f"ROC curves: {', '.join(str(p) for p in pngs)}")
+
+    if req.log_mlflow:
+        c = tracking.client()
+        exp = tracking.ensure_experiment(c, EXPERIMENT)
+        tags = {"flowscore.job": "evaluate", "flowscore.model_uri": req.model}
+        if resolved.name:
+            tags |= {
+                "flowscore.model_name": resolved.name,
+                "flowscore.model_version": str(resolved.version),
+            }
+        run = c.create_run(
+            exp, run_name=f"eval-{resolved.name or 'bundle'}-{resolved.version or ''}", tags=tags
+        )
+        rid = run.info.run_id
+        tracking.log_params(
+            c,
+            rid,
+            tracking.safe_params(
+                {
+                    "archive": req.archive,
+                    "only": {k: list(v) for k, v in req.only},
+                    "baseline_rows": int(rows.shape[0]),
+                }
+            ),
+        )
+        now = int(time.time() * 1000)
+        metrics = [
+            ("images", float(report["images"]), 0, now),
+            ("anomalous", float(report["anomalous"]), 0, now),
+        ]
+        for kind in ("image_auroc", "pixel_auroc"):
+            for m in METHODS:
+                v = report[kind].get(m)
+                if v is not None:
+                    metrics.append((f"{kind}.{m}", float(v), 0, now))
+        tracking.log_metrics(c, rid, metrics)
+        for p in [*pngs, out_dir / "evaluation.json"]:
+            c.log_artifact(rid, str(p))
+        c.set_terminated(rid, "FINISHED")
+        if resolved.name and resolved.version:
+            for kind in ("image_auroc", "pixel_auroc"):
+                v = report[kind].get("flow")
+                if v is not None:
+                    c.set_model_version_tag(
+                        resolved.name, resolved.version, f"eval.{kind}", f"{v:.4f}"
+                    )
+            c.set_model_version_tag(resolved.name, resolved.version, "eval.run_id", rid)
+        log(f"MLflow: evaluation run {rid}")
+    log(f"done in {time.perf_counter() - t0:.0f} s; JSON in {out_dir / 'evaluation.json'}")
+    return report

@@ -1,0 +1,399 @@
+"""``flowscore train``: fit a scorer on Ray Train, track it in MLflow, register a version.
+
+Steps: resolve the spec (preset, then a TOML file's overrides) → list the archive and hold
+out whole images → open the MLflow run (this process is the only MLflow writer) → fit the
+featurizer and train the flow on Ray → score the held-out images whole for the threshold
+and heatmap clip → write the bundle → log metrics, the bundle, a loss curve and overlays →
+register a new version of NAME and move alias ``champion`` to it (unless ``--no-promote``).
+
+Resuming: the job keeps its state under ``$FLOWSCORE_HOME/train/NAME/`` (the Ray Train run
+name, the MLflow run, the fitted featurizer). ``--resume`` continues the last unfinished run
+of NAME from its latest checkpoint with the same featurizer, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainRequest", "TrainOutcome", "load_spec", "run_train", "select_images"]
+
+EXPERIMENT_PREFIX = "flowscore-train/"
+Log = Callable[[str], None]
+
+
+class TrainUsageError(ValueError):
+    """Bad input (config, archive, flags): exit code 2."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    archive: str
+    name: str
+    preset: str = "grain-full"
+    config: str | None = None
+    workers: int = 1
+    use_gpu: bool = False
+    promote: bool = True
+    resume: bool = False
+    only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    skip_labelled_anomalies: bool = False
+    max_epochs: int | None = None
+    backbone_weights: str | None = None
+    ray_address: str | None = None
+    max_failures: int = 2
+    overlays: int = 4
+
+
+@dataclass
+class TrainOutcome:
+    model_uri: str
+    version: str
+    run_id: str
+    bundle: Path
+    best_val_nll: float
+    initial_val_nll: float
+    threshold: float
+    train_images: int
+    val_images: int
+
+
+def load_spec(preset: str, config: str | None, max_epochs: int | None = None) -> Any:
+    """The preset's spec with the TOML file's fields replaced. Unknown keys, bad values and
+    unreadable files raise TrainUsageError naming the file and key."""
+    from flowcore.fit import PRESETS, ConfigError, apply_overrides
+
+    if preset not in PRESETS:
+        raise TrainUsageError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    if config:
+        path = Path(config)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise TrainUsageError(f"{config}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise TrainUsageError(f"{config}: cannot read ({e})") from e
+        except tomllib.TOMLDecodeError as e:
+            raise TrainUsageError(f"{config}: not valid TOML ({e})") from e
+        try:
+            spec = apply_overrides(spec, data, str(config))
+        except ConfigError as e:
+            raise TrainUsageError(str(e)) from e
+    if max_epochs is not None:
+        spec = replace(spec, fit=replace(spec.fit, max_epochs=max_epochs))
+    return spec
+
+
+def select_images(req: TrainRequest, log: Log) -> list[Any]:
+    """The archive's images after ``--only`` filters and (optionally) without the images
+    that the archive's ground truth labels anomalous. Sorted by path."""
+    from pipelines.archive import ArchiveError, list_archive
+    from pipelines.truth import read_labels
+
+    try:
+        entries = sorted(list_archive(req.archive), key=lambda e: e.path)
+    except ArchiveError as e:
+        raise TrainUsageError(str(e)) from e
+    listed = len(entries)
+    for key, values in req.only:
+        entries = [e for e in entries if e.columns.get(key) in values]
+    if req.skip_labelled_anomalies:
+        labels = read_labels(req.archive)
+        if not labels:
+            raise TrainUsageError(
+                f"{req.archive}: --skip-labelled-anomalies needs _truth/labels.csv, "
+                "which this archive does not have"
+            )
+        entries = [e for e in entries if labels.get(e.path, 0) == 0]
+    if not listed:
+        raise TrainUsageError(
+            f"archive {req.archive} holds no images (.jpg .jpeg .png .tif .tiff .bmp .webp "
+            "outside _ and . folders)"
+        )
+    if len(entries) < 2:
+        raise TrainUsageError(
+            f"archive {req.archive}: {len(entries)} of {listed} images left after the filters; "
+            "training needs at least 2 (one is held out)"
+        )
+    log(f"archive: {listed} images listed, {len(entries)} selected for training")
+    return entries
+
+
+# ------------------------------------------------------------------ job state (resume)
+
+
+def _job_dir(name: str) -> Path:
+    from pipelines.paths import flowscore_home
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    d = flowscore_home() / "train" / safe
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _read_state(job_dir: Path) -> dict[str, Any] | None:
+    p = job_dir / "state.json"
+    if not p.is_file():
+        return None
+    try:
+        state: dict[str, Any] = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state
+
+
+def _write_state(job_dir: Path, state: dict[str, Any]) -> None:
+    tmp = job_dir / ".state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, job_dir / "state.json")
+
+
+def _fault() -> Any:
+    """Test hook: ``FLOWSCORE_FAULT_TRAIN=EPOCH:MARKER`` makes rank 0 raise once at EPOCH."""
+    from pipelines.train import TrainFault
+
+    text = os.environ.get("FLOWSCORE_FAULT_TRAIN")
+    if not text:
+        return None
+    epoch, marker = text.split(":", 1)
+    return TrainFault(int(epoch), marker)
+
+
+# ------------------------------------------------------------------ the job
+
+
+def _backbone_state(spec: Any, req: TrainRequest, log: Log) -> Any:
+    """The CNN backbone's weights from ``--backbone-weights`` (None: random, with a
+    warning). The file is read once here; workers get the tensors, never the file."""
+    from flowcore.cnn import BackboneWeightsError, CNNConfig, read_backbone_weights
+
+    if not isinstance(spec.featurizer, CNNConfig):
+        if req.backbone_weights:
+            raise TrainUsageError(
+                f"--backbone-weights applies to CNN featurizers; preset {req.preset!r} uses "
+                "pixel windows"
+            )
+        return None
+    if not req.backbone_weights:
+        log(
+            f"warning: no --backbone-weights given: the {spec.featurizer.backbone} backbone "
+            "keeps random weights (a random-feature extractor, much weaker than pretrained "
+            "features; nothing is downloaded)"
+        )
+        return None
+    try:
+        state = read_backbone_weights(req.backbone_weights, spec.featurizer)
+    except BackboneWeightsError as e:
+        raise TrainUsageError(str(e)) from e
+    log(f"backbone: {len(state)} tensors from {req.backbone_weights}")
+    return state
+
+
+def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
+    import numpy as np
+    import torch
+
+    from flowcore.bundle import load_bundle, save_bundle
+    from flowcore.fit import calibrate, spec_to_dict, split_holdout
+    from flowcore.scorer import Scorer
+    from jobs.render import save_loss_curve, save_overlay
+    from pipelines import tracking
+    from pipelines.raycluster import ensure_ray, plan_workers
+    from pipelines.train import fit_featurizer_on_ray, iter_images, train_flow_on_ray
+
+    t_start = time.perf_counter()
+    spec = load_spec(req.preset, req.config, req.max_epochs)
+    spec_d = spec_to_dict(spec)
+    backbone_state = _backbone_state(spec, req, log)
+    if req.use_gpu and req.ray_address is None and not torch.cuda.is_available():
+        raise TrainUsageError("--use-gpu given but no CUDA device is visible to this machine")
+
+    # MLflow first: an unreachable server should fail before minutes of work
+    uri = tracking.tracking_uri()
+    client = tracking.client(uri)
+    tracking.check_reachable(client, uri)
+
+    entries = select_images(req, log)
+    train_idx, val_idx = split_holdout([e.path for e in entries], spec.val_fraction, spec.seed)
+    train = [entries[i] for i in train_idx]
+    val = [entries[i] for i in val_idx]
+    log(f"split: {len(train)} training images, {len(val)} held out whole for validation")
+
+    job_dir = _job_dir(req.name)
+    state = _read_state(job_dir)
+    unfinished = state is not None and state.get("status") != "finished"
+    identity = {"archive": req.archive, "spec": spec_d, "only": [list(o) for o in req.only]}
+    if req.resume:
+        if not unfinished or state is None:
+            raise TrainUsageError(
+                f"--resume: no unfinished training run of {req.name!r} under {job_dir}"
+            )
+        if state.get("identity") != json.loads(json.dumps(identity)):
+            raise TrainUsageError(
+                f"--resume: the unfinished run of {req.name!r} used a different archive or "
+                f"config (see {job_dir / 'state.json'}); run without --resume to start anew"
+            )
+        run_name, run_id = state["ray_run_name"], state["mlflow_run_id"]
+        client.update_run(run_id, status="RUNNING")
+        log(f"resuming Ray Train run {run_name} (MLflow run {run_id})")
+    else:
+        if unfinished and state is not None:
+            log(
+                f"note: an unfinished run of {req.name!r} exists ({state.get('ray_run_name')});"
+                " starting a new one (use --resume to continue it instead)"
+            )
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        run_name = f"{req.name}-{stamp}-{uuid.uuid4().hex[:6]}"
+        experiment = tracking.ensure_experiment(client, EXPERIMENT_PREFIX + req.name)
+        run = client.create_run(
+            experiment,
+            run_name=run_name,
+            tags={"flowscore.job": "train", "flowscore.model_name": req.name},
+        )
+        run_id = run.info.run_id
+        params = {
+            "spec": spec_d,
+            "job": {
+                "archive": req.archive,
+                "preset": req.preset,
+                "config_file": req.config,
+                "workers": req.workers,
+                "use_gpu": req.use_gpu,
+                "only": {k: list(v) for k, v in req.only},
+                "skip_labelled_anomalies": req.skip_labelled_anomalies,
+                "backbone_weights": req.backbone_weights,
+                "train_images": len(train),
+                "val_images": len(val),
+            },
+        }
+        tracking.log_params(client, run_id, tracking.safe_params(params))
+        state = {
+            "status": "running",
+            "ray_run_name": run_name,
+            "mlflow_run_id": run_id,
+            "identity": identity,
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        _write_state(job_dir, state)
+
+    try:
+        ensure_ray(req.ray_address)
+        plan = plan_workers(req.workers, req.use_gpu)
+        feat_dir = job_dir / "featurizer"
+        if req.resume and (feat_dir / "flowscore.json").is_file():
+            featurizer = load_bundle(feat_dir).featurizer
+            log(f"featurizer: reusing the fitted one in {feat_dir}")
+        else:
+            featurizer = fit_featurizer_on_ray(spec, train, log, backbone_state)
+            # kept as a bundle (the strict, pickle-free loader) so --resume reuses it exactly
+            from flowcore.flows import build_flow
+
+            stub = build_flow(spec.features, spec.flow)
+            save_bundle(Scorer(featurizer, stub, flow_config=spec.flow), feat_dir)
+        fit = train_flow_on_ray(
+            spec,
+            featurizer,
+            train,
+            val,
+            plan=plan,
+            storage_path=str(job_dir / "ray"),
+            run_name=run_name,
+            max_failures=req.max_failures,
+            fault=_fault(),
+            log=log,
+        )
+        scorer = Scorer(featurizer, fit.flow, flow_config=spec.flow).eval()
+        log(f"calibrating on the {len(val)} held-out images, scored whole")
+        kept: list[tuple[str, np.ndarray]] = []
+
+        def val_images() -> Any:
+            for path, img in iter_images(val):
+                if len(kept) < req.overlays:
+                    kept.append((path, img))
+                yield img
+
+        threshold, clip = calibrate(scorer, val_images(), spec.threshold_quantile)
+        scorer.threshold, scorer.heatmap_clip = threshold, clip
+        training = {
+            "archive": tracking.scrub_text(req.archive),
+            "only": {k: list(v) for k, v in req.only},
+            "skip_labelled_anomalies": req.skip_labelled_anomalies,
+            "spec": spec_d,
+            "train_images": len(train),
+            "val_images": len(val),
+            "best_epoch": fit.best_epoch,
+            "best_val_nll": fit.best_val_nll,
+            "initial_val_nll": fit.initial_val_nll,
+            "epochs": len(fit.history),
+            "stopped_early": fit.stopped_early,
+            "threshold": threshold,
+            "heatmap_clip": list(clip),
+            "workers": req.workers,
+            "mlflow_run_id": run_id,
+        }
+        bundle = save_bundle(scorer, job_dir / "bundle", training=training)
+
+        metrics = []
+        for h in fit.history:
+            ts, step = int(h["timestamp_ms"]), int(h["epoch"])
+            for key in ("train_nll", "val_nll", "windows_per_s"):
+                metrics.append((key, float(h[key]), step, ts))
+        now = int(time.time() * 1000)
+        metrics += [
+            ("best_val_nll", fit.best_val_nll, 0, now),
+            ("initial_val_nll", fit.initial_val_nll, 0, now),
+            ("threshold", threshold, 0, now),
+            ("train_seconds", time.perf_counter() - t_start, 0, now),
+        ]
+        tracking.log_metrics(client, run_id, metrics)
+        pictures = job_dir / "pictures"
+        curve = save_loss_curve(pictures / "loss_curve.png", fit.history, f"{req.name}: NLL")
+        client.log_artifact(run_id, str(curve), "plots")
+        for k, (path, img) in enumerate(kept):
+            sb = scorer.score(img[None])
+            name = f"val_{k:02d}_" + path.replace("/", "_").rsplit(".", 1)[0] + ".png"
+            out = save_overlay(pictures / name, img, sb.grid[0], scorer.geometry, clip)
+            client.log_artifact(run_id, str(out), "overlays")
+        client.log_artifacts(run_id, str(bundle), "bundle")
+        version = tracking.register_bundle(client, run_id, "bundle", req.name, promote=req.promote)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        state["status"] = "failed"
+        _write_state(job_dir, state)
+        try:
+            client.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more
+            pass
+        raise
+    state["status"] = "finished"
+    state["model_version"] = version
+    _write_state(job_dir, state)
+    return TrainOutcome(
+        model_uri=f"models:/{req.name}/{version}",
+        version=version,
+        run_id=run_id,
+        bundle=bundle,
+        best_val_nll=fit.best_val_nll,
+        initial_val_nll=fit.initial_val_nll,
+        threshold=threshold,
+        train_images=len(train),
+        val_images=len(val),
+    )
+
+
+def stderr_log(quiet: bool) -> Log:
+    def log(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log

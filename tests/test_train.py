@@ -1,0 +1,304 @@
+"""``flowscore train`` and ``flowscore evaluate`` end to end: real Ray Train (2 CPU workers,
+gloo), real MLflow (SQLite store and a real server), S3 through moto_server, a worker that
+really raises. Models are small so that each training run takes well under a minute."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flowcore.bundle import load_bundle
+from flowcore.fit import feature_rows, image_generator, spec_from_dict, split_holdout
+from flowcore.flows import build_flow
+from jobs.cli import main
+from pipelines import tracking
+from pipelines.archive import decode_image, list_archive, read_bytes
+from pipelines.synth import write_archive
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+TINY = """
+windows_per_image = 256
+basis_rows = 2000
+val_fraction = 0.2
+[featurizer]
+type = "windows"
+window = 5
+stride = 2
+scale = 0.5
+[flow]
+type = "maf"
+blocks = 2
+hidden = 48
+[fit]
+max_epochs = 3
+batch_size = 256
+lr = 0.005
+"""
+
+
+def _archive(root: Path, images: int = 16, seed: int = 0) -> Path:
+    out = root / "archive"
+    write_archive(
+        out, kind="harvest", images=images, seed=seed, anomaly_rate=0.25, height=128, width=160
+    )
+    return out
+
+
+def _config(root: Path, extra: str = "") -> Path:
+    p = root / "tiny.toml"
+    p.write_text(TINY + extra)
+    return p
+
+
+def _train(archive: str, name: str, cfg: Path, *extra: str) -> int:
+    return main(
+        [
+            "train",
+            "--archive",
+            archive,
+            "--name",
+            name,
+            "--preset",
+            "grain-quarter",
+            "--config",
+            str(cfg),
+            "--workers",
+            "2",
+            "--skip-labelled-anomalies",
+            *extra,
+        ]
+    )
+
+
+def _val_nll(bundle_dir: Path, archive: str) -> tuple[float, float]:
+    """Held-out NLL of the trained flow and of the same flow untrained, on windows of the
+    held-out whole images (recomputed here from the archive and the bundle's record)."""
+    scorer = load_bundle(bundle_dir)
+    meta = scorer.training_stats
+    spec = spec_from_dict(meta["spec"])
+    from pipelines.truth import read_labels
+
+    labels = read_labels(archive)
+    entries = [e for e in sorted(list_archive(archive), key=lambda e: e.path) if not labels[e.path]]
+    _, val = split_holdout([e.path for e in entries], spec.val_fraction, spec.seed)
+    assert len(val) == meta["val_images"]
+    rows = torch.cat(
+        [
+            feature_rows(
+                scorer.featurizer,
+                spec,
+                [decode_image(read_bytes(entries[i].image_uri)).rgb],
+                200,
+                image_generator(5, entries[i].path),
+            )
+            for i in val
+        ]
+    )
+    torch.manual_seed(spec.seed)
+    untrained = build_flow(spec.features, spec.flow).eval()
+    with torch.no_grad():
+        trained_nll = -float(scorer.flow.log_prob(rows).mean())
+        untrained_nll = -float(untrained.log_prob(rows).mean())
+    return trained_nll, untrained_nll
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """One model trained with 2 workers on a local archive, MLflow on SQLite."""
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWSCORE_HOME", str(root / "home"))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        archive = _archive(root)
+        code = _train(str(archive), "grain-test", _config(root))
+        assert code == 0
+        yield root, archive
+
+
+def test_train_registers_a_model_that_loads_by_alias_and_scores(trained, capsys, monkeypatch):
+    root, archive = trained
+    monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    resolved = tracking.resolve_model("models:/grain-test@champion")
+    assert resolved.version == "1"
+    scorer = load_bundle(resolved.path)
+    img = decode_image(read_bytes(next(iter(list_archive(str(archive)))).image_uri)).rgb
+    sb = scorer.score(img[None])
+    assert sb.grid.shape[0] == 1 and np.isfinite(sb.grid).all()
+    assert np.isfinite(scorer.threshold)
+    trained_nll, untrained_nll = _val_nll(resolved.path, str(archive))
+    # whitened PCA features make the untrained flow (≈ a standard normal) a fair Gaussian
+    # model already; training must still beat it clearly
+    assert trained_nll < untrained_nll - 0.25
+    # one MLflow run with the config as parameters and per-epoch metrics
+    c = tracking.client()
+    run = c.get_run(scorer.training_stats["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["spec.flow.blocks"] == "2"
+    assert run.data.params["spec.fit.max_epochs"] == "3"
+    hist = c.get_metric_history(run.info.run_id, "val_nll")
+    assert sorted(m.step for m in hist) == [1, 2, 3]
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"bundle", "plots", "overlays"} <= arts
+
+
+def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
+    root, archive = trained
+    monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _config(root)
+    assert _train(str(archive), "grain-test", cfg, "--no-promote", "--max-epochs", "1") == 0
+    assert tracking.resolve_model("models:/grain-test@champion").version == "1"
+    assert tracking.resolve_model("models:/grain-test/2").version == "2"
+
+
+def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
+    root, archive = trained
+    monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = root / "eval.json"
+    code = main(
+        [
+            "evaluate",
+            "--archive",
+            str(archive),
+            "--model",
+            "models:/grain-test@champion",
+            "--json",
+            str(out),
+            "--out",
+            str(root / "eval"),
+            "--baseline-rows",
+            "3000",
+        ]
+    )
+    assert code == 0
+    rep = json.loads(out.read_text())
+    methods = {"flow", "isolation_forest", "one_class_svm", "gaussian", "pca_nn"}
+    assert {"model_uri", "images", "anomalous", "image_auroc", "pixel_auroc"} <= set(rep)
+    assert set(rep["image_auroc"]) == methods and set(rep["pixel_auroc"]) == methods
+    assert rep["images"] == 16 and 0 < rep["anomalous"] < 16
+    for kind in ("image_auroc", "pixel_auroc"):
+        for v in rep[kind].values():
+            assert v is not None and 0.0 <= v <= 1.0
+    # the synthetic anomalies are large and colourful: the flow's heatmap finds them
+    assert rep["pixel_auroc"]["flow"] > 0.8
+    assert (root / "eval" / "roc_image.png").is_file()
+    assert (root / "eval" / "roc_pixel.png").is_file()
+    table = capsys.readouterr().out
+    assert "isolation_forest" in table and "pixel AUROC" in table
+    c = tracking.client()
+    mv = c.get_model_version("grain-test", "1")
+    run = c.get_run(mv.tags["eval.run_id"])
+    assert run.data.tags["flowscore.model_version"] == "1"
+    assert run.data.metrics["pixel_auroc.flow"] == pytest.approx(rep["pixel_auroc"]["flow"])
+
+
+@pytest.mark.faults
+def test_worker_that_raises_once_resumes_from_its_checkpoint(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    marker = tmp_path / "raised"
+    monkeypatch.setenv("FLOWSCORE_FAULT_TRAIN", f"2:{marker}")
+    archive = _archive(tmp_path, images=12, seed=3)
+    assert _train(str(archive), "faulty", _config(tmp_path)) == 0
+    assert marker.read_text().startswith("raised at epoch 2")
+    err = capsys.readouterr().err
+    assert "resuming from the checkpoint of epoch 1" in err
+    c = tracking.client()
+    scorer = load_bundle(tracking.resolve_model("models:/faulty@champion").path)
+    run_id = scorer.training_stats["mlflow_run_id"]
+    steps = [m.step for m in c.get_metric_history(run_id, "val_nll")]
+    assert sorted(steps) == [1, 2, 3]  # every epoch once: epoch 1 kept, 2 redone once
+    assert scorer.training_stats["epochs"] == 3
+
+
+@pytest.mark.faults
+def test_killed_job_resumes_with_resume_flag(ray_session, tmp_path, monkeypatch, capsys):
+    """A job whose training fails for good (no retries left) continues with --resume from
+    its last checkpoint, in the same MLflow run, with the same featurizer."""
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("FLOWSCORE_FAULT_TRAIN", f"3:{tmp_path / 'raised'}")
+    archive = _archive(tmp_path, images=12, seed=4)
+    cfg = _config(tmp_path)
+    with pytest.raises(Exception, match="injected worker failure"):
+        _train(str(archive), "resumable", cfg, "--max-failures", "0")
+    state = json.loads((tmp_path / "home" / "train" / "resumable" / "state.json").read_text())
+    assert state["status"] == "failed"
+    capsys.readouterr()
+    assert _train(str(archive), "resumable", cfg, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "resuming from the checkpoint of epoch 2" in err
+    assert "reusing the fitted one" in err
+    c = tracking.client()
+    run = c.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_nll")) == [1, 2, 3]
+
+
+@pytest.mark.s3
+@pytest.mark.mlflow_server
+def test_train_from_s3_against_an_mlflow_server(
+    ray_session, s3_server, mlflow_server, tmp_path, monkeypatch
+):
+    from conftest import make_bucket
+
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    local = _archive(tmp_path, images=12, seed=5)
+    make_bucket("train-archive")
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.put(str(local) + "/", "train-archive/harvest/", recursive=True)
+    assert _train("s3://train-archive/harvest", "s3-grain", _config(tmp_path)) == 0
+    c = tracking.client()
+    resolved = tracking.resolve_model("models:/s3-grain@champion")
+    scorer = load_bundle(resolved.path)
+    assert scorer.training_stats["archive"] == "s3://train-archive/harvest"
+    run = c.get_run(scorer.training_stats["mlflow_run_id"])
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    assert all(secret not in v for v in run.data.params.values())
+    assert run.data.params["job.archive"] == "s3://train-archive/harvest"
+    assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_nll")) == [1, 2, 3]
+
+
+def test_bad_config_names_file_and_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fit]\nlearning_rate = 0.1\n")
+    archive = tmp_path / "a"
+    archive.mkdir()
+    code = main(["train", "--archive", str(archive), "--name", "x", "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and "learning_rate" in err
+
+
+def test_empty_archive_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    archive = tmp_path / "empty"
+    (archive / "_truth").mkdir(parents=True)
+    code = main(["train", "--archive", str(archive), "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no images" in err and str(archive) in err
+
+
+def test_evaluate_without_ground_truth_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    archive = _archive(tmp_path, images=4)
+    import shutil
+
+    shutil.rmtree(archive / "_truth")
+    code = main(["evaluate", "--archive", str(archive), "--model", str(tmp_path / "nomodel")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no ground truth" in err
