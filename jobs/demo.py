@@ -1,6 +1,7 @@
-"""The first demo, in one process: synth -> fit grain-quarter -> score the held-out year ->
-print the 10 worst images -> write heatmap overlays. Later steps replace each stage with its
-Ray / MLflow / Iceberg counterpart."""
+"""The demo: synth -> ``flowscore train`` (Ray Train, MLflow registry) -> ``flowscore
+evaluate`` against baselines -> score the held-out year with the registered model -> print the
+10 worst images -> write heatmap overlays. Scoring is still in-process here; the Ray Data
+scoring job and the tables replace that step next."""
 
 from __future__ import annotations
 
@@ -21,21 +22,27 @@ def _say(msg: str) -> None:
 
 
 def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = False) -> int:
-    from dataclasses import replace
+    import os
 
+    import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from flowcore.bundle import save_bundle
-    from flowcore.fit import PRESETS, fit_scorer
-    from flowcore.training import EpochStats
+    from flowcore.bundle import load_bundle
+    from jobs.evaluate import EvalRequest, run_evaluate
     from jobs.render import save_overlay
+    from jobs.train import TrainRequest, run_train
+    from pipelines import tracking
     from pipelines.archive import DecodeError, decode_image, list_archive, read_bytes
     from pipelines.synth import write_archive
     from pipelines.truth import read_labels
 
     t_start = time.perf_counter()
     workdir = workdir.resolve()
+    # the demo keeps its MLflow store, models and Ray checkpoints beside its archive unless
+    # the user chose a FLOWSCORE_HOME / tracking server
+    os.environ.setdefault("FLOWSCORE_HOME", str(workdir / "home"))
+    home = Path(os.environ["FLOWSCORE_HOME"])
     archive = workdir / "archive"
     if archive.exists() and any(archive.iterdir()):
         _say(f"[1/5] using the existing archive {archive}")
@@ -44,55 +51,53 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
         s = write_archive(archive, kind="harvest", images=images, seed=seed, anomaly_rate=0.2)
         _say(f"      {s.images} images, {s.anomalous} with anomalies (ground truth in _truth/)")
 
+    log = (lambda m: None) if quiet else (lambda m: _say("      " + m))
+    workers = 2 if (os.cpu_count() or 1) >= 2 else 1
+    _say(
+        f"[2/5] flowscore train: grain-quarter (11×11×3 windows at 25 %, MAF) on the normal "
+        f"images of {'+'.join(TRAIN_YEARS)}, Ray Train with {workers} workers, MLflow in {home}"
+    )
+    out = run_train(
+        TrainRequest(
+            archive=str(archive),
+            name="demo-grain",
+            preset="grain-quarter",
+            workers=workers,
+            only=(("year", TRAIN_YEARS),),
+            skip_labelled_anomalies=True,
+            max_epochs=25,
+        ),
+        log,
+    )
+    _say(
+        f"      registered {out.model_uri} (alias champion); held-out NLL "
+        f"{out.best_val_nll:.2f} vs {out.initial_val_nll:.2f} untrained"
+    )
+
+    _say(f"[3/5] flowscore evaluate on {TEST_YEAR}: the flow beside four baselines")
+    run_evaluate(
+        EvalRequest(
+            archive=str(archive),
+            model="models:/demo-grain@champion",
+            out_dir=str(workdir / "evaluation"),
+            only=(("year", (TEST_YEAR,)),),
+        ),
+        log,
+    )
+
+    resolved = tracking.resolve_model("models:/demo-grain@champion")
+    scorer = load_bundle(resolved.path)
     labels = read_labels(str(archive))
-    entries = list(list_archive(str(archive)))
+    entries = [e for e in list_archive(str(archive)) if e.columns.get("year") == TEST_YEAR]
     decoded: dict[str, np.ndarray] = {}
     for e in entries:
         try:
             decoded[e.path] = decode_image(read_bytes(e.image_uri)).rgb
         except DecodeError as err:
             print(f"      skipped {e.path}: {err.error_type}: {err.message}", file=sys.stderr)
-    train_pool = [
-        e.path
-        for e in entries
-        if e.columns.get("year") in TRAIN_YEARS and labels.get(e.path, 0) == 0 and e.path in decoded
-    ]
-    test = [e.path for e in entries if e.columns.get("year") == TEST_YEAR and e.path in decoded]
-    if len(train_pool) < 4 or not test:
-        _say("the archive has too few images for the demo; use --images 30 or more")
-        return 2
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train_pool))
-    n_val = max(2, len(train_pool) // 5)
-    val = [train_pool[i] for i in order[:n_val]]
-    train = [train_pool[i] for i in order[n_val:]]
-
-    spec = PRESETS["grain-quarter"]
-    spec = replace(spec, fit=replace(spec.fit, max_epochs=25, patience=4), seed=seed)
-    _say(
-        f"[2/5] fitting grain-quarter (11×11×3 windows at 25 %, MAF) on {len(train)} normal "
-        f"images of {'+'.join(TRAIN_YEARS)}, validating on {len(val)} held-out whole images"
-    )
-
-    def on_epoch(st: EpochStats) -> None:
-        if not quiet:
-            mark = " *" if st.is_best else ""
-            _say(
-                f"      epoch {st.epoch:2d}  train NLL {st.train_nll:8.2f}  "
-                f"val NLL {st.val_nll:8.2f}  {st.samples_per_s:8.0f} windows/s{mark}"
-            )
-
+    test = sorted(decoded)
+    _say(f"[4/5] scoring the {len(test)} images of {TEST_YEAR} with version {resolved.version}")
     torch.manual_seed(seed)
-    scorer, report = fit_scorer(
-        [decoded[p] for p in train], [decoded[p] for p in val], spec, on_epoch=on_epoch
-    )
-    bundle = save_bundle(scorer, workdir / "model", training=report.as_dict())
-    _say(
-        f"      best epoch {report.best_epoch}, val NLL {report.best_val_nll:.2f}; "
-        f"threshold {report.threshold:.2f}; bundle in {bundle}"
-    )
-
-    _say(f"[3/5] scoring the {len(test)} images of {TEST_YEAR}")
     t0 = time.perf_counter()
     rows = []
     grids = {}
@@ -111,10 +116,9 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
             grids[p] = sb.grid[i]
     dt = time.perf_counter() - t0
     _say(f"      {len(test)} images in {dt:.1f} s ({len(test) / dt:.1f} images/s)")
-
     rows.sort(key=lambda r: r["anomaly_score"], reverse=True)
     worst = rows[:10]
-    _say("[4/5] the 10 worst images (highest anomaly_score = -p05 of window log-likelihoods)")
+    _say("      the 10 worst (highest anomaly_score = -p05 of window log-likelihoods):")
     _say(f"      {'path':44s} {'quality':>8s} {'p05':>8s} {'anomaly':>8s} flagged truth")
     for r in worst:
         truth = {0: "normal", 1: "ANOMALY", None: "-"}[r["label"]]
@@ -148,7 +152,9 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     )
     _say("")
     _say(f"done in {time.perf_counter() - t_start:.0f} s. Look at:")
-    _say(f"  overlays   {out_dir}/01_*.png (dark red = low likelihood)")
-    _say(f"  model      {bundle}/flowscore.json")
-    _say(f"  archive    {archive} (ground truth in _truth/)")
+    _say(f"  overlays    {out_dir}/01_*.png (dark red = low likelihood)")
+    _say(f"  evaluation  {workdir / 'evaluation'}/roc_pixel.png and evaluation.json")
+    _say(f"  model       {resolved.path}/flowscore.json ({out.model_uri})")
+    _say(f"  MLflow      mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    _say(f"  archive     {archive} (ground truth in _truth/)")
     return 0

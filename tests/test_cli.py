@@ -23,7 +23,7 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
-    for cmd in ("synth", "bench", "demo"):
+    for cmd in ("synth", "bench", "demo", "train", "evaluate"):
         r = subprocess.run(
             [sys.executable, "-m", "jobs.cli", cmd, "--help"], capture_output=True, text=True
         )
@@ -129,11 +129,16 @@ def test_bench_refuses_gpu_without_cuda(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path, capsys) -> None:
+@pytest.mark.ray
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     rc = main(["demo", "--workdir", str(tmp_path / "d"), "--images", "24", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "the 10 worst images" in out and "image AUROC" in out
+    assert "the 10 worst" in out and "image AUROC" in out
+    assert "registered models:/demo-grain/1" in out and "pixel AUROC" in out
     overlays = sorted((tmp_path / "d" / "overlays").glob("*.png"))
     assert len(overlays) >= 2
-    assert (tmp_path / "d" / "model" / "weights.safetensors").is_file()
+    assert (tmp_path / "d" / "evaluation" / "evaluation.json").is_file()
+    assert (tmp_path / "home" / "models" / "demo-grain" / "1" / "weights.safetensors").is_file()

@@ -20,7 +20,7 @@ from pipelines import tracking
 from pipelines.archive import decode_image, list_archive, read_bytes
 from pipelines.synth import write_archive
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
 
 TINY = """
 windows_per_image = 256
@@ -121,6 +121,7 @@ def trained(ray_session, tmp_path_factory):
         yield root, archive
 
 
+@pytest.mark.ray
 def test_train_registers_a_model_that_loads_by_alias_and_scores(trained, capsys, monkeypatch):
     root, archive = trained
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
@@ -148,6 +149,7 @@ def test_train_registers_a_model_that_loads_by_alias_and_scores(trained, capsys,
     assert {"bundle", "plots", "overlays"} <= arts
 
 
+@pytest.mark.ray
 def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     root, archive = trained
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
@@ -158,6 +160,7 @@ def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     assert tracking.resolve_model("models:/grain-test/2").version == "2"
 
 
+@pytest.mark.ray
 def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
     root, archive = trained
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
@@ -200,6 +203,7 @@ def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
     assert run.data.metrics["pixel_auroc.flow"] == pytest.approx(rep["pixel_auroc"]["flow"])
 
 
+@pytest.mark.ray
 @pytest.mark.faults
 def test_worker_that_raises_once_resumes_from_its_checkpoint(
     ray_session, tmp_path, monkeypatch, capsys
@@ -221,6 +225,7 @@ def test_worker_that_raises_once_resumes_from_its_checkpoint(
     assert scorer.training_stats["epochs"] == 3
 
 
+@pytest.mark.ray
 @pytest.mark.faults
 def test_killed_job_resumes_with_resume_flag(ray_session, tmp_path, monkeypatch, capsys):
     """A job whose training fails for good (no retries left) continues with --resume from
@@ -245,6 +250,7 @@ def test_killed_job_resumes_with_resume_flag(ray_session, tmp_path, monkeypatch,
     assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "val_nll")) == [1, 2, 3]
 
 
+@pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.mlflow_server
 def test_train_from_s3_against_an_mlflow_server(
@@ -302,3 +308,14 @@ def test_evaluate_without_ground_truth_is_a_usage_error(tmp_path, monkeypatch, c
     code = main(["evaluate", "--archive", str(archive), "--model", str(tmp_path / "nomodel")])
     err = capsys.readouterr().err
     assert code == 2 and "no ground truth" in err
+
+
+def test_readme_config_example_is_a_valid_override(tmp_path):
+    from jobs.train import load_spec
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "grain.toml").write_text(block)
+    spec = load_spec("grain-full", str(tmp_path / "grain.toml"))
+    assert spec.featurizer.components == 64 and spec.flow.blocks == 8
+    assert spec.fit.max_epochs == 80 and spec.dequantize and spec.val_fraction == 0.15
