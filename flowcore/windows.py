@@ -34,6 +34,7 @@ __all__ = [
     "sample_windows",
     "fit_window_featurizer",
     "extract_windows",
+    "QUANTISATION_VARIANCE",
 ]
 
 
@@ -47,6 +48,10 @@ class Geometry:
     window: int
     stride: int
     scale: float
+
+
+QUANTISATION_VARIANCE = 1.0 / (12 * 255.0**2)
+"""Variance of uniform rounding noise of one 8-bit pixel value in [0, 1] units."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,11 @@ def fit_window_featurizer(windows: Tensor, cfg: WindowConfig, seed: int = 0) -> 
         # fix the sign of each component (largest-magnitude loading positive): deterministic
         signs = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
         basis = basis * signs
-    inv_scale = torch.rsqrt(var.clamp_min(1e-12)) if cfg.whiten else torch.ones_like(var)
+    # floor each component's variance at the 8-bit quantisation noise of one pixel value,
+    # (1/255)² / 12: directions the training windows never vary in (flat metal, JPEG-smoothed
+    # areas) would otherwise get a scale of 1e6 and send any deviation to -inf log-likelihood
+    var = var.clamp_min(QUANTISATION_VARIANCE)
+    inv_scale = torch.rsqrt(var) if cfg.whiten else torch.ones_like(var)
     feat = WindowFeaturizer(cfg)
     feat.set_basis(mean.float(), basis.float(), inv_scale.float())
     return feat

@@ -215,7 +215,8 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     by_column: dict[str, dict[str, float | None]] = {}
     keys = sorted({k for c in columns for k in c})
     lab = np.asarray(used_labels)
-    sc = np.asarray(flow_scores)
+    # a window the flow finds impossible (-inf) makes the image maximally anomalous
+    sc = np.nan_to_num(np.asarray(flow_scores), nan=np.inf).clip(-1e30, 1e30)
     for key in keys:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, c in enumerate(columns):

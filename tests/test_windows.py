@@ -108,3 +108,18 @@ def test_bad_config_is_refused() -> None:
         WindowConfig(scale=0.0)
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         to_tensor(np.zeros((2, 10, 10), np.uint8))
+
+
+def test_flat_training_windows_keep_whitening_finite():
+    """Windows that never vary (flat, JPEG-smoothed areas) get the variance floor of 8-bit
+    quantisation, not a scale of 1e6: a different image still has finite, moderate features."""
+    from flowcore.windows import QUANTISATION_VARIANCE
+
+    cfg = WindowConfig(window=4, stride=2, components=None)
+    flat = torch.full((500, cfg.dims), 0.5, dtype=torch.float32)
+    flat[:, :3] += torch.randn(500, 3) * 0.05  # only three directions vary
+    feat = fit_window_featurizer(flat, cfg)
+    assert float(feat.inv_scale.max()) <= (1 / QUANTISATION_VARIANCE) ** 0.5 * 1.001
+    img = torch.full((1, 3, 12, 12), 0.5 + 1 / 255)  # one grey level brighter
+    out = feat(img)
+    assert torch.isfinite(out).all() and float(out.abs().max()) < 1e3
