@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +40,28 @@ def texture(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
         base = np.array([150.0, 110.0, 60.0]) + 25 * up + rng.normal(0, 6, (h, w, 3))
         out.append(np.clip(base, 0, 255).astype(np.uint8))
     return out
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid, all-black 1-bit PNG of width x height, compressed in streaming fashion: a
+    few kB on disk, width × height pixels when decoded."""
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(comp.compress(row * (height % 1000)))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", b"".join(parts))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import png_bomb, png_chunk
 from PIL import Image
 
 from pipelines.archive import (
@@ -45,35 +46,14 @@ def _rgb_pattern(w: int = 24, h: int = 16) -> np.ndarray:
     return np.stack([x * 10 % 256, y * 15 % 256, (x + y) * 7 % 256], axis=2).astype(np.uint8)
 
 
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
-
-
-def _bilevel_png_bomb(width: int, height: int) -> bytes:
-    """A valid, all-black 1-bit PNG of width x height, compressed in streaming fashion."""
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    comp = zlib.compressobj(9)
-    parts = [comp.compress(row * 1000) for _ in range(height // 1000)]
-    parts.append(comp.compress(row * (height % 1000)))
-    parts.append(comp.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", b"".join(parts))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
 def _png_48bit(pixels: list[tuple[int, int, int]]) -> bytes:
     raw = b"\x00" + b"".join(struct.pack(">3H", *p) for p in pixels)
     ihdr = struct.pack(">IIBBBBB", len(pixels), 1, 16, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(raw))
-        + _png_chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -289,7 +269,7 @@ def test_decode_error_pickles():
 def test_decompression_bomb_own_limit():
     # 12000 x 12000 = 144 M pixels: above max_pixels, below Pillow's own error threshold
     # (2 * MAX_IMAGE_PIXELS), so only our check stands between us and a 144 MB decode.
-    data = _bilevel_png_bomb(12000, 12000)
+    data = png_bomb(12000, 12000)
     assert len(data) < 100_000
     with pytest.raises(DecodeError) as info:
         decode_image(data, max_pixels=10_000_000)
@@ -299,7 +279,7 @@ def test_decompression_bomb_own_limit():
 
 def test_decompression_bomb_pillow_limit():
     # 20000 x 20000 = 400 M pixels: Pillow's own guard raises at open; same error row.
-    data = _bilevel_png_bomb(20000, 20000)
+    data = png_bomb(20000, 20000)
     with pytest.raises(DecodeError) as info:
         decode_image(data, max_pixels=10_000_000)
     assert (info.value.stage, info.value.error_type) == ("decode", "DecompressionBombError")
