@@ -173,6 +173,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- score / query
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from jobs.score import ScoreRequest, ScoreUsageError, print_summary, run_score
+    from jobs.train import stderr_log
+    from pipelines.tables import TablesError, catalog_config
+    from pipelines.tracking import ModelResolutionError, TrackingError
+
+    req = ScoreRequest(
+        archive=args.archive,
+        model=args.model,
+        actors=args.actors,
+        use_gpu=args.use_gpu,
+        heatmaps=not args.no_heatmaps,
+        commit_every=args.commit_every,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        ray_address=args.ray_address,
+        only=_only(args.only),
+    )
+    try:
+        out = run_score(req, stderr_log(args.quiet))
+    except (ScoreUsageError, TrackingError, ModelResolutionError, TablesError) as e:
+        raise UsageError(str(e)) from e
+    print_summary(out, catalog_config()["warehouse"])
+    return EXIT_OK
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from jobs.query import run_query
+
+    return run_query(args.sql, args.format)
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -388,6 +423,66 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_evaluate)
+
+    sc = sub.add_parser(
+        "score",
+        help="stream an archive through scorer actors into the Iceberg tables",
+        description="List the archive, read and decode its images in Ray Data CPU tasks, "
+        "score them in a pool of actors that load the model once, and commit the rows to "
+        "flowscore.image_scores and flowscore.scoring_errors every --commit-every images "
+        "(UPSERT on the key: a rerun never doubles a row). The model URI is resolved once; "
+        "every row carries that version. A runs row and an MLflow run record the run.",
+    )
+    sc.add_argument("--archive", required=True, help="local path or s3://bucket/prefix")
+    sc.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir"
+    )
+    sc.add_argument(
+        "--actors", type=_positive_int, default=1, help="scorer actors (default: %(default)s)"
+    )
+    sc.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    sc.add_argument(
+        "--no-heatmaps", action="store_true", help="write null heatmaps (summaries only)"
+    )
+    sc.add_argument(
+        "--commit-every",
+        type=_positive_int,
+        default=5000,
+        help="images per atomic commit (default: %(default)s)",
+    )
+    sc.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads per actor (default: the cluster's CPUs / actors)",
+    )
+    sc.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="images per scorer call (default: 8)"
+    )
+    sc.add_argument(
+        "--only",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="score only images whose path column KEY is one of the values (repeatable)",
+    )
+    sc.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    sc.add_argument("--quiet", action="store_true", help="no progress lines")
+    sc.set_defaults(func=cmd_score)
+
+    q = sub.add_parser(
+        "query",
+        help="SQL over the result tables (DuckDB, read-only)",
+        description="Run one read-only SQL statement with DuckDB over the current snapshots of "
+        "the Iceberg tables, available as views image_scores, scoring_errors and runs. "
+        'Example: flowscore query "select camera, avg(quality) from image_scores group by 1"',
+    )
+    q.add_argument("sql", help="one SELECT statement")
+    q.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table (aligned text), csv, or json (one array of row objects)",
+    )
+    q.set_defaults(func=cmd_query)
 
     d = sub.add_parser(
         "demo",

@@ -1,13 +1,15 @@
 """The demo: synth -> ``flowscore train`` (Ray Train, MLflow registry) -> ``flowscore
-evaluate`` against baselines -> score the held-out year with the registered model -> print the
-10 worst images -> write heatmap overlays. Scoring is still in-process here; the Ray Data
-scoring job and the tables replace that step next."""
+evaluate`` against baselines -> ``flowscore score`` of the held-out year through Ray Data into
+the Iceberg tables -> ``flowscore query`` for the 10 worst -> heatmap overlays drawn from the
+table's heatmap column."""
 
 from __future__ import annotations
 
-import sys
+import io
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,19 +23,30 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _query_rows(sql: str) -> list[dict[str, Any]]:
+    """Rows of a query over the tables, through the same read-only path as flowscore query."""
+    from jobs.query import run_query
+
+    buf = io.StringIO()
+    if run_query(sql, "json", out=buf) != 0:
+        raise RuntimeError(f"demo query failed: {sql}")
+    rows: list[dict[str, Any]] = json.loads(buf.getvalue())
+    return rows
+
+
 def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = False) -> int:
     import os
 
-    import numpy as np
-    import torch
     from sklearn.metrics import roc_auc_score
 
     from flowcore.bundle import load_bundle
     from jobs.evaluate import EvalRequest, run_evaluate
+    from jobs.query import run_query
     from jobs.render import save_overlay
+    from jobs.score import ScoreRequest, run_score
     from jobs.train import TrainRequest, run_train
-    from pipelines import tracking
-    from pipelines.archive import DecodeError, decode_image, list_archive, read_bytes
+    from pipelines import tables, tracking
+    from pipelines.archive import decode_image, read_bytes
     from pipelines.synth import write_archive
     from pipelines.truth import read_labels
 
@@ -41,7 +54,8 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     workdir = workdir.resolve()
     # the demo keeps its MLflow store, models and Ray checkpoints beside its archive unless
     # the user chose a FLOWSCORE_HOME / tracking server
-    os.environ.setdefault("FLOWSCORE_HOME", str(workdir / "home"))
+    if not os.environ.get("FLOWSCORE_HOME"):
+        os.environ["FLOWSCORE_HOME"] = str(workdir / "home")
     home = Path(os.environ["FLOWSCORE_HOME"])
     archive = workdir / "archive"
     if archive.exists() and any(archive.iterdir()):
@@ -85,76 +99,63 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
         log,
     )
 
-    resolved = tracking.resolve_model("models:/demo-grain@champion")
-    scorer = load_bundle(resolved.path)
+    _say(f"[4/5] flowscore score: the {TEST_YEAR} images through Ray Data into Iceberg tables")
+    scored = run_score(
+        ScoreRequest(
+            archive=str(archive),
+            model="models:/demo-grain@champion",
+            actors=1,
+            commit_every=20,
+            job="demo",
+            only=(("year", (TEST_YEAR,)),),
+        ),
+        log,
+    )
+    _say(
+        f"      run {scored.run_id[:8]}: {scored.scored} scored, {scored.failed} failed, "
+        f"{scored.images_per_s:.1f} images/s, model version {scored.model_version}"
+    )
+    worst_sql = (
+        "select image_uri, camera, quality, p05, anomaly_score, is_anomaly "
+        f"from image_scores where year = '{TEST_YEAR}' order by anomaly_score desc limit 10"
+    )
+    _say(f'      flowscore query "{worst_sql}"')
+    buf = io.StringIO()
+    run_query(worst_sql, "table", out=buf)
+    for line in buf.getvalue().splitlines():
+        _say("      " + line)
+    rows = _query_rows(
+        "select image_uri, anomaly_score, grid_h, grid_w, heatmap from image_scores "
+        f"where year = '{TEST_YEAR}' order by anomaly_score desc"
+    )
     labels = read_labels(str(archive))
-    entries = [e for e in list_archive(str(archive)) if e.columns.get("year") == TEST_YEAR]
-    decoded: dict[str, np.ndarray] = {}
-    for e in entries:
-        try:
-            decoded[e.path] = decode_image(read_bytes(e.image_uri)).rgb
-        except DecodeError as err:
-            print(f"      skipped {e.path}: {err.error_type}: {err.message}", file=sys.stderr)
-    test = sorted(decoded)
-    _say(f"[4/5] scoring the {len(test)} images of {TEST_YEAR} with version {resolved.version}")
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    rows = []
-    grids = {}
-    for k in range(0, len(test), 8):
-        chunk = test[k : k + 8]
-        sb = scorer.score(np.stack([decoded[p] for p in chunk]))
-        for i, p in enumerate(chunk):
-            rows.append(
-                {
-                    "path": p,
-                    **{c: float(v[i]) for c, v in sb.summary.items()},
-                    "is_anomaly": bool(sb.is_anomaly[i]),
-                    "label": labels.get(p),
-                }
-            )
-            grids[p] = sb.grid[i]
-    dt = time.perf_counter() - t0
-    _say(f"      {len(test)} images in {dt:.1f} s ({len(test) / dt:.1f} images/s)")
-    rows.sort(key=lambda r: r["anomaly_score"], reverse=True)
-    worst = rows[:10]
-    _say("      the 10 worst (highest anomaly_score = -p05 of window log-likelihoods):")
-    _say(f"      {'path':44s} {'quality':>8s} {'p05':>8s} {'anomaly':>8s} flagged truth")
-    for r in worst:
-        truth = {0: "normal", 1: "ANOMALY", None: "-"}[r["label"]]
-        _say(
-            f"      {r['path']:44s} {r['quality']:8.2f} {r['p05']:8.2f} "
-            f"{r['anomaly_score']:8.2f} {'yes' if r['is_anomaly'] else 'no ':>7s} {truth}"
-        )
-    y = [r["label"] for r in rows if r["label"] is not None]
-    if len(set(y)) == 2:
-        auroc = roc_auc_score(y, [r["anomaly_score"] for r in rows if r["label"] is not None])
-        _say(f"      image AUROC on {TEST_YEAR} against ground truth: {auroc:.3f}")
+    prefix = archive.as_uri() + "/"
+    y = [labels.get(r["image_uri"].removeprefix(prefix)) for r in rows]
+    if len(set(v for v in y if v is not None)) == 2:
+        pairs = [(t, r["anomaly_score"]) for t, r in zip(y, rows, strict=True) if t is not None]
+        auroc = roc_auc_score([t for t, _ in pairs], [s for _, s in pairs])
+        _say(f"      image AUROC on {TEST_YEAR} from the table against ground truth: {auroc:.3f}")
+    resolved = tracking.resolve_model(f"models:/demo-grain/{scored.model_version}")
+    scorer = load_bundle(resolved.path)
 
     out_dir = workdir / "overlays"
-    _say(f"[5/5] writing heatmap overlays (original | overlay) to {out_dir}")
-    for rank, r in enumerate(worst, start=1):
-        name = f"{rank:02d}_" + r["path"].replace("/", "_").rsplit(".", 1)[0] + ".png"
-        save_overlay(
-            out_dir / name,
-            decoded[r["path"]],
-            grids[r["path"]],
-            scorer.geometry,
-            scorer.heatmap_clip,
-        )
-    best = rows[-1]
-    save_overlay(
-        out_dir / "best.png",
-        decoded[best["path"]],
-        grids[best["path"]],
-        scorer.geometry,
-        scorer.heatmap_clip,
-    )
+    _say(f"[5/5] writing heatmap overlays (original | overlay) from the table to {out_dir}")
+    for rank, r in enumerate([*rows[:10], rows[-1]], start=1):
+        rel = r["image_uri"].removeprefix(prefix)
+        name = "best.png" if rank == 11 else f"{rank:02d}_" + rel.replace("/", "_")[:-4] + ".png"
+        grid = np.asarray(r["heatmap"], np.float32).reshape(r["grid_h"], r["grid_w"])
+        rgb = decode_image(read_bytes(r["image_uri"])).rgb
+        save_overlay(out_dir / name, rgb, grid, scorer.geometry, scorer.heatmap_clip)
     _say("")
     _say(f"done in {time.perf_counter() - t_start:.0f} s. Look at:")
     _say(f"  overlays    {out_dir}/01_*.png (dark red = low likelihood)")
     _say(f"  evaluation  {workdir / 'evaluation'}/roc_pixel.png and evaluation.json")
     _say(f"  model       {resolved.path}/flowscore.json ({out.model_uri})")
+    _say(f"  tables      {tables.catalog_config()['warehouse']} (Iceberg), e.g.")
+    _say(
+        '              flowscore query "select camera, count(*), avg(quality) '
+        'from image_scores group by camera"'
+    )
     _say(f"  MLflow      mlflow ui --backend-store-uri {tracking.tracking_uri()}")
     _say(f"  archive     {archive} (ground truth in _truth/)")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
-    for cmd in ("synth", "bench", "demo", "train", "evaluate"):
+    for cmd in ("synth", "bench", "demo", "train", "evaluate", "score", "query"):
         r = subprocess.run(
             [sys.executable, "-m", "jobs.cli", cmd, "--help"], capture_output=True, text=True
         )
@@ -136,8 +137,9 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, monkeypatch) -> Non
     rc = main(["demo", "--workdir", str(tmp_path / "d"), "--images", "24", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "the 10 worst" in out and "image AUROC" in out
     assert "registered models:/demo-grain/1" in out and "pixel AUROC" in out
+    assert "flowscore query" in out and re.search(r"\((\d+) rows\)", out)
+    assert "image AUROC on 2019 from the table" in out
     overlays = sorted((tmp_path / "d" / "overlays").glob("*.png"))
     assert len(overlays) >= 2
     assert (tmp_path / "d" / "evaluation" / "evaluation.json").is_file()
