@@ -255,6 +255,10 @@ def score_chunk(
 
     t0 = time.perf_counter()
     n = len(entries)
+    # keep the listing's order (sorted by path, so by year=/camera= folders) into the data
+    # files: each file then spans few path-column values and a query on one year skips the
+    # others by their Parquet statistics
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(
         _entry_rows(entries, path_columns), override_num_blocks=max(1, -(-n // 32))
     )
