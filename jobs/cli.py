@@ -208,6 +208,22 @@ def cmd_query(args: argparse.Namespace) -> int:
     return run_query(args.sql, args.format)
 
 
+# ---------------------------------------------------------------- run (nightly)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from jobs.nightly import JobUsageError, run_job
+    from jobs.score import ScoreUsageError
+    from jobs.train import stderr_log
+
+    try:
+        return run_job(
+            args.job, dry_run=args.dry_run, ray_address=args.ray_address, log=stderr_log(args.quiet)
+        )
+    except (JobUsageError, ScoreUsageError) as e:
+        raise UsageError(str(e)) from e
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -483,6 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="table (aligned text), csv, or json (one array of row objects)",
     )
     q.set_defaults(func=cmd_query)
+
+    r = sub.add_parser(
+        "run",
+        help="the nightly job: score what is new, incremental, resumable, locked",
+        description="Run the job described by JOB.toml ([job] name, archive, model; optional "
+        "[score] actors, use_gpu, heatmaps, commit_every, max_error_rate). The model is "
+        "resolved once; images already in the tables for that version (same image_uri and "
+        "etag) are skipped, so a rerun after a crash finishes the work and a run over an "
+        "unchanged archive scores nothing. A second run of the same job while one runs exits "
+        "at once naming the holder. Exit code 3 when the error rate passes max_error_rate.",
+    )
+    r.add_argument("job", metavar="JOB.toml", help="the job spec")
+    r.add_argument("--dry-run", action="store_true", help="print what would be scored, stop")
+    r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.set_defaults(func=cmd_run)
 
     d = sub.add_parser(
         "demo",

@@ -1,0 +1,197 @@
+"""``flowscore run JOB.toml``: the nightly job. Incremental, resumable, locked.
+
+1. **Validate before touching anything**: the spec (unknown keys, types), the archive, the
+   catalog and the model (resolved once to a version, which pins the whole run). Each problem
+   is one line and exit code 2.
+2. **Lock** the job (a lease row in the catalog database, see ``pipelines.lock``): a second
+   run of the same job exits at once naming the holder; a lock left by a dead run is taken
+   over once its lease has expired.
+3. **Incremental**: list the archive and subtract what the tables already hold for the
+   pinned version, by ``(image_uri, etag)``: rows of ``image_scores`` and files that already
+   failed (``scoring_errors``; the same bytes would fail the same way). A replaced file has a
+   new etag and is scored again. A second run over an unchanged archive scores nothing.
+4. **Resumable**: scoring commits every ``commit_every`` images, so after a kill the next run
+   finds the committed chunks in the tables and does only the rest.
+
+The lock's lease is 120 s (``FLOWSCORE_LOCK_LEASE_S``): a run killed with ``kill -9`` blocks
+its job for at most that long.
+
+Exit codes: 0 success; 2 bad spec or unreachable parts; 3 the run finished but its error
+rate passed ``max_error_rate``; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["JobSpec", "JobUsageError", "load_job", "run_job"]
+
+Log = Callable[[str], None]
+EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE = 0, 2, 3
+
+
+class JobUsageError(ValueError):
+    """A spec or environment problem found before anything ran: exit code 2."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    archive: str
+    model: str
+    actors: int = 1
+    use_gpu: bool = False
+    heatmaps: bool = True
+    commit_every: int = 5000
+    max_error_rate: float = 0.05
+
+
+_SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
+    "job": {"name": (str,), "archive": (str,), "model": (str,)},
+    "score": {
+        "actors": (int,),
+        "use_gpu": (bool,),
+        "heatmaps": (bool,),
+        "commit_every": (int,),
+        "max_error_rate": (float, int),
+    },
+}
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Parse and check a job spec; errors name the file and the key."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise JobUsageError(f"{p}: job spec not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobUsageError(f"{p}: cannot read ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise JobUsageError(f"{p}: not valid TOML ({e})") from e
+    values: dict[str, Any] = {}
+    for section, content in data.items():
+        if section not in _SECTIONS:
+            raise JobUsageError(f"{p}: unknown section [{section}] (known: [job], [score])")
+        if not isinstance(content, dict):
+            raise JobUsageError(f"{p}: {section!r} must be a table, e.g. [{section}]")
+        for key, value in content.items():
+            types = _SECTIONS[section].get(key)
+            if types is None:
+                known = ", ".join(_SECTIONS[section])
+                raise JobUsageError(f"{p}: unknown key {section}.{key} (known: {known})")
+            if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                want = " or ".join(t.__name__ for t in types)
+                raise JobUsageError(f"{p}: {section}.{key} must be {want}, got {value!r}")
+            values[key] = value
+    for key in ("name", "archive", "model"):
+        if not values.get(key):
+            raise JobUsageError(f"{p}: missing job.{key}")
+    spec = JobSpec(**values)
+    if spec.actors < 1 or spec.commit_every < 1:
+        raise JobUsageError(f"{p}: score.actors and score.commit_every must be >= 1")
+    if not 0 <= spec.max_error_rate <= 1:
+        raise JobUsageError(f"{p}: score.max_error_rate must be in [0, 1]")
+    return spec
+
+
+def run_job(
+    path: str | Path,
+    *,
+    dry_run: bool = False,
+    ray_address: str | None = None,
+    log: Log,
+    out: Callable[[str], None] = print,
+) -> int:
+    from jobs.score import ScoreRequest, model_identity, run_score
+    from pipelines import tables, tracking
+    from pipelines.archive import ArchiveError, list_archive, open_archive
+    from pipelines.lock import JobLock, LockHeld
+
+    spec = load_job(path)
+    # -- validate everything before touching anything
+    try:
+        open_archive(spec.archive)
+    except ArchiveError as e:
+        raise JobUsageError(f"{path}: job.archive: {e}") from e
+    try:
+        resolved = tracking.resolve_model(spec.model)
+    except tracking.ModelResolutionError as e:
+        raise JobUsageError(f"{path}: job.model: {e}") from e
+    except tracking.TrackingError as e:
+        raise JobUsageError(str(e)) from e
+    try:
+        catalog = tables.load_catalog_()
+    except tables.TablesError as e:
+        raise JobUsageError(str(e)) from e
+    name, version = model_identity(resolved)
+    pinned = f"models:/{name}/{version}" if resolved.version else str(resolved.path)
+    log(f"job {spec.name}: model {spec.model} -> {name} version {version}")
+
+    lease = float(os.environ.get("FLOWSCORE_LOCK_LEASE_S", "120"))
+    lock = JobLock(tables.catalog_config()["uri"], spec.name, lease_s=lease)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise JobUsageError(str(e)) from e
+    try:
+        if lock.took_over is not None:
+            t = lock.took_over
+            log(
+                f"took over the lock of {t.holder}, whose lease expired at "
+                f"{t.expires_at:%Y-%m-%d %H:%M:%S} UTC (that run died)"
+            )
+        try:
+            listed = list(list_archive(spec.archive))
+        except ArchiveError as e:
+            raise JobUsageError(f"{path}: job.archive: {e}") from e
+        uris = {e.image_uri for e in listed}
+        done = tables.existing_keys(catalog, version, uris) | tables.error_keys(catalog, uris)
+        todo = [e for e in listed if (e.image_uri, e.etag) not in done]
+        log(
+            f"archive: {len(listed)} images; {len(listed) - len(todo)} already in the tables "
+            f"for version {version}; {len(todo)} to score"
+        )
+        if dry_run:
+            for e in todo[:20]:
+                out(e.image_uri)
+            if len(todo) > 20:
+                out(f"... and {len(todo) - 20} more")
+            out(f"dry run: would score {len(todo)} of {len(listed)} images with {pinned}")
+            return EXIT_OK
+        if not todo:
+            out(f"job {spec.name}: nothing new to score ({len(listed)} images already done)")
+            return EXIT_OK
+        result = run_score(
+            ScoreRequest(
+                archive=spec.archive,
+                model=pinned,
+                actors=spec.actors,
+                use_gpu=spec.use_gpu,
+                heatmaps=spec.heatmaps,
+                commit_every=spec.commit_every,
+                job=spec.name,
+                ray_address=ray_address,
+                skip=frozenset(done),
+            ),
+            log,
+        )
+    finally:
+        lock.release()
+    out(
+        f"job {spec.name}: run {result.run_id}: {result.scored} scored, {result.failed} failed, "
+        f"{result.skipped} already done; {result.images_per_s:.1f} images/s"
+    )
+    if result.error_rate > spec.max_error_rate:
+        log(
+            f"error rate {result.error_rate:.1%} is above max_error_rate "
+            f'{spec.max_error_rate:.1%}: see flowscore query "select * from scoring_errors '
+            f"where run_id = '{result.run_id}'\""
+        )
+        return EXIT_ERROR_RATE
+    return EXIT_OK
