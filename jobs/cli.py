@@ -224,6 +224,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+# ---------------------------------------------------------------- report
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import ReportUsageError, run_report
+    from jobs.train import stderr_log
+
+    try:
+        index = run_report(Path(args.out), args.run, stderr_log(args.quiet), top=args.top)
+    except ReportUsageError as e:
+        raise UsageError(str(e)) from e
+    print(index)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -515,6 +530,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser(
+        "report",
+        help="an HTML page of a run: worst/best images with heatmaps, box plots, trends",
+        description="Write a self-contained folder (index.html and PNGs) for one scoring run "
+        "(default: the latest with rows): the worst and best images beside their heatmap "
+        "overlays, per-image box plots of window log-likelihoods across quality bins, the "
+        "distribution and trend of quality by date and by each path column, and the run's "
+        "errors by type. Prints the path of index.html.",
+    )
+    rp.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    rp.add_argument("--run", metavar="ID", help="run id (default: the latest run with rows)")
+    rp.add_argument(
+        "--top", type=_positive_int, default=8, help="worst and best images shown (default: 8)"
+    )
+    rp.add_argument("--quiet", action="store_true", help="no progress lines")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser(
         "demo",

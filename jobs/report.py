@@ -1,0 +1,918 @@
+"""``flowscore report --out DIR [--run ID]``: one self-contained HTML page about a scoring run.
+
+The page is ``DIR/index.html`` with its pictures in ``DIR/images/*.png``: no external CSS,
+JavaScript or fonts, only relative links, so the directory can be zipped, mailed or served
+as it is. Everything comes from the tables through :func:`jobs.query.connect` (SQL over the
+current Iceberg snapshots); the originals are read again from their ``image_uri``.
+
+Scope: the rows of one run, ``image_scores.run_id = ID``, its ``scoring_errors`` rows and its
+``runs`` row. Without ``--run``, the most recent run in ``runs`` (by ``started_at``) that
+still has rows in ``image_scores``. A rescore UPSERTs rows by (image_uri, etag,
+model_version), so an older run may have fewer rows left than it scored; the page says so.
+A run with no rows in ``image_scores`` but with error rows is reported (header and errors);
+a run with neither, an unknown run id or empty tables raise :class:`ReportUsageError` (the
+CLI exits 2), the message listing the recent runs.
+
+Contents (``images/`` file names):
+
+1. header: run id, job, model name/version, archive, start/end, status, counts and images/s
+   from ``runs``, plus the rows this run still has in the tables;
+2. the worst and best ``top`` images by ``anomaly_score`` (``worst_NN.png``,
+   ``best_NN.png``): original | heatmap overlay (:func:`jobs.render.save_overlay`: dark red =
+   low likelihood, clipped to the model's ``heatmap_clip`` when the registry has the model,
+   else to the (0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the
+   run's images), captioned with the path columns, ``captured_at``, ``quality``,
+   ``anomaly_score`` and ``is_anomaly``. An original that cannot be read any more shows the
+   heatmap over a grey placeholder; a row without a heatmap shows the original alone;
+3. ``quality_boxplots.png``: per-image box plots of the window log-likelihoods (the grain
+   paper's Figure 2): the run's images with heatmaps in 5 equal-count quality bins, 3 images
+   picked from each (lowest, middle, highest quality of the bin), one box per image ordered
+   by quality and coloured by bin;
+4. ``quality_hist.png`` (distribution of ``quality``), ``quality_trend.png`` (``quality`` over
+   ``captured_at``, flagged images in red, with the monthly median when the run spans at least
+   3 months, else a rolling median) and ``quality_by_path.png`` (box plots of ``quality`` by
+   each path column, i.e. each column of ``image_scores`` that is not one of DESIGN's fixed
+   columns; at most 30 values per column, the most frequent);
+5. ``errors_by_type.png`` and a table of stage / error type / count with up to 3 example
+   messages, or "no errors".
+
+Every text put into the page is HTML-escaped; image files are named by position only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
+
+    from flowcore.scorer import Geometry
+
+__all__ = ["ReportUsageError", "run_report", "DEFAULT_TOP", "IMAGES_DIR"]
+
+Log = Callable[[str], None]
+
+DEFAULT_TOP = 8  # worst and best images shown
+IMAGES_DIR = "images"  # subdirectory of the report directory holding the PNGs
+PANEL_MAX = 480  # longest side (pixels) of one panel of an overlay picture
+QUALITY_BINS = 5
+PICKS_PER_BIN = 3
+CLIP_SAMPLE_IMAGES = 500  # images whose windows give the fallback heatmap clip
+CLIP_QUANTILES = (0.001, 0.05)
+MAX_GROUPS = 30  # values per path column in the box plots
+MAX_SCATTER = 20_000  # points in the trend scatter (the median line uses all)
+RECENT_RUNS = 10  # runs listed in a usage error
+ERROR_EXAMPLES = 3
+MESSAGE_CHARS = 300
+
+
+class ReportUsageError(ValueError):
+    """Bad input for a report: empty tables, an unknown run id, a run with no rows. The
+    message says what and lists the recent runs."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _q(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _e(value: Any) -> str:
+    """HTML-escaped text of a value ("–" for None)."""
+    return html.escape("–" if value is None else str(value), quote=True)
+
+
+def _fmt_ts(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+    return str(value)
+
+
+def _fmt_num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _short_name(uri: str) -> str:
+    """The file name of an image URI (flowscore's URIs are not percent-encoded)."""
+    path = urlparse(uri).path or uri
+    return path.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def _natural_key(text: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+@dataclass
+class _Run:
+    """The run the page is about."""
+
+    run_id: str
+    info: dict[str, Any] | None  # its ``runs`` row, None when it has none
+    rows: int  # rows it still has in image_scores
+    errors: int  # rows it has in scoring_errors
+
+
+@dataclass
+class _Page:
+    """What the HTML is built from."""
+
+    run: _Run
+    path_columns: list[str]
+    notes: dict[str, list[str]] = field(default_factory=dict)
+    worst: list[dict[str, Any]] = field(default_factory=list)
+    best: list[dict[str, Any]] = field(default_factory=list)
+    pictures: dict[str, str] = field(default_factory=dict)  # section -> relative PNG path
+    bins: list[str] = field(default_factory=list)
+    error_groups: list[dict[str, Any]] = field(default_factory=list)
+    clip: tuple[float, float] | None = None
+    clip_source: str = ""
+    has_heatmaps: bool = False
+
+    def note(self, section: str, text: str) -> None:
+        self.notes.setdefault(section, []).append(text)
+
+
+# ---------------------------------------------------------------- choosing the run
+
+
+def _recent_runs(con: duckdb.DuckDBPyConnection) -> str:
+    """The most recent runs with their row counts, as one line for a usage error."""
+    rows = con.execute(
+        f"""
+        with s as (select run_id, count(*) as n from image_scores group by run_id),
+             r as (select run_id, started_at, status from runs
+                   union all
+                   select run_id, null, null from s where run_id not in (select run_id
+                   from runs where run_id is not null))
+        select r.run_id, r.started_at, r.status, coalesce(s.n, 0)
+        from r left join s using (run_id)
+        order by r.started_at desc nulls last, r.run_id
+        limit {RECENT_RUNS}
+        """
+    ).fetchall()
+    if not rows:
+        return "the tables hold no runs yet; score an archive first (`flowscore score ...`)"
+    parts = [
+        f"{rid} ({_fmt_ts(started)}, {status or 'no runs row'}, {n} rows)"
+        for rid, started, status, n in rows
+    ]
+    return "recent runs: " + "; ".join(parts)
+
+
+def _run_info(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
+    res = con.execute("select * from runs where run_id = ? limit 1", [run_id])
+    names = [d[0] for d in res.description]
+    row = res.fetchone()
+    return dict(zip(names, row, strict=True)) if row else None
+
+
+def _choose_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> _Run:
+    if run_id is not None:
+        run_id = run_id.strip()
+        if not run_id:
+            raise ReportUsageError(f"--run is empty; {_recent_runs(con)}")
+    else:
+        found = con.execute(
+            """
+            select r.run_id from runs r
+            where exists (select 1 from image_scores s where s.run_id = r.run_id)
+            order by r.started_at desc nulls last, r.run_id desc limit 1
+            """
+        ).fetchone()
+        if found is None:  # rows written without a runs row: the latest scored
+            found = con.execute(
+                "select run_id from image_scores where run_id is not null "
+                "group by run_id order by max(scored_at) desc nulls last limit 1"
+            ).fetchone()
+        if found is None:
+            raise ReportUsageError(
+                "no scored images in the tables; score an archive first "
+                f"(`flowscore score --archive URI --model URI`); {_recent_runs(con)}"
+            )
+        run_id = str(found[0])
+    info = _run_info(con, run_id)
+    (rows,) = con.execute(
+        "select count(*) from image_scores where run_id = ?", [run_id]
+    ).fetchone() or (0,)
+    (errors,) = con.execute(
+        "select count(*) from scoring_errors where run_id = ?", [run_id]
+    ).fetchone() or (0,)
+    if info is None and rows == 0 and errors == 0:
+        raise ReportUsageError(f"unknown run id {run_id!r}; {_recent_runs(con)}")
+    if rows == 0 and errors == 0:
+        raise ReportUsageError(
+            f"run {run_id!r} has no rows left in image_scores or scoring_errors (a later run "
+            f"may have rescored its images); {_recent_runs(con)}"
+        )
+    return _Run(run_id=run_id, info=info, rows=int(rows), errors=int(errors))
+
+
+# ---------------------------------------------------------------- data
+
+
+def _path_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Columns of ``image_scores`` that are not DESIGN's fixed columns, in table order."""
+    from pipelines.tables import IMAGE_SCORES_FIXED_HEAD, IMAGE_SCORES_FIXED_TAIL
+
+    fixed = {f.name for f in (*IMAGE_SCORES_FIXED_HEAD, *IMAGE_SCORES_FIXED_TAIL)}
+    names = [r[0] for r in con.execute("describe image_scores").fetchall()]
+    return [n for n in names if n not in fixed]
+
+
+_ROW_COLUMNS = (
+    "image_uri etag captured_at width height model_name model_version grid_h grid_w window "
+    "stride scale quality anomaly_score is_anomaly"
+).split()
+
+
+def _select(path_columns: Sequence[str], heatmap: bool) -> str:
+    cols = [_q(c) for c in (*_ROW_COLUMNS[:3], *path_columns, *_ROW_COLUMNS[3:])]
+    cols.append("heatmap" if heatmap else "heatmap is not null as __has_heatmap")
+    return ", ".join(cols)
+
+
+def _dicts(res: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [d[0] for d in res.description]
+    return [dict(zip(names, r, strict=True)) for r in res.fetchall()]
+
+
+def _arrow_table(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
+    """The result of ``sql`` as an Arrow table (DuckDB 2.x ``to_arrow_table``, 1.x
+    ``arrow``), through a relation: no extra copy of the rows."""
+    rel = con.sql(sql, params=params)
+    fn = getattr(rel, "to_arrow_table", None) or rel.arrow
+    return fn()
+
+
+def _numpy(table: pa.Table, name: str, dtype: Any = float) -> np.ndarray:
+    col = table.column(name)
+    if dtype is float:
+        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)
+    return np.asarray(col.to_numpy(zero_copy_only=False))
+
+
+def _heatmaps(
+    con: duckdb.DuckDBPyConnection, run_id: str, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], list[float] | None]:
+    if not keys:
+        return {}
+    uris = sorted({u for u, _ in keys})
+    res = con.execute(
+        "select image_uri, etag, heatmap from image_scores "
+        "where run_id = ? and list_contains(?, image_uri)",
+        [run_id, uris],
+    ).fetchall()
+    want = set(keys)
+    return {(u, e): h for u, e, h in res if (u, e) in want}
+
+
+# ---------------------------------------------------------------- heatmap clip
+
+
+def _registry_clip(model_name: str, model_version: str, log: Log) -> tuple[float, float] | None:
+    """The model's ``heatmap_clip`` from the registry, or None (never raises)."""
+    if not model_name or not model_version or model_version.startswith("sha-"):
+        return None  # a local bundle: not in the registry
+    uri = f"models:/{model_name}/{model_version}"
+    try:
+        from flowcore.bundle import read_meta
+        from pipelines.tracking import resolve_model
+
+        clip = read_meta(resolve_model(uri).path).get("heatmap_clip")
+        if clip is None:
+            return None
+        lo, hi = float(clip[0]), float(clip[1])
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            return None
+        return lo, hi
+    except Exception as e:  # noqa: BLE001 - any failure: fall back to the run's quantiles
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        log(f"report: heatmap clip of {uri} not available ({type(e).__name__}: {first})")
+        return None
+
+
+def _run_clip(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[float, float] | None:
+    """(0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the run's
+    images (a repeatable reservoir sample)."""
+    row = con.execute(
+        f"""
+        select quantile_cont(v, [{CLIP_QUANTILES[0]}, {CLIP_QUANTILES[1]}]) from (
+            select unnest(heatmap) as v from (
+                select heatmap from image_scores where run_id = ? and heatmap is not null
+            ) using sample reservoir({CLIP_SAMPLE_IMAGES} rows) repeatable (7)
+        ) where isfinite(v)
+        """,
+        [run_id],
+    ).fetchone()
+    if not row or not row[0] or row[0][0] is None:
+        return None
+    lo, hi = float(row[0][0]), float(row[0][1])
+    return (lo, hi) if hi > lo else (lo, lo + 1e-3)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def _geometry(row: dict[str, Any]) -> Geometry | None:
+    from flowcore.scorer import Geometry
+
+    if row.get("window") is None or row.get("stride") is None or row.get("scale") is None:
+        return None
+    if not row["window"] or not row["stride"] or not row["scale"]:
+        return None
+    return Geometry(int(row["window"]), int(row["stride"]), float(row["scale"]))
+
+
+def _grid(row: dict[str, Any], clip: tuple[float, float] | None) -> np.ndarray | None:
+    hm, gh, gw = row.get("heatmap"), row.get("grid_h"), row.get("grid_w")
+    if hm is None or not gh or not gw or len(hm) != gh * gw:
+        return None
+    grid = np.asarray(hm, dtype=np.float32).reshape(gh, gw)
+    lo, hi = clip if clip else (float(np.nanmin(grid)), float(np.nanmax(grid)))
+    return np.nan_to_num(grid, nan=hi, neginf=lo, posinf=hi)
+
+
+def _downscale(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """``rgb`` with its longest side at most PANEL_MAX, and the factor applied."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    f = min(1.0, PANEL_MAX / max(h, w, 1))
+    if f >= 1.0:
+        return rgb, 1.0
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
+    return small, size[0] / w
+
+
+def _read_original(uri: str) -> tuple[np.ndarray | None, str | None]:
+    from pipelines.archive import decode_image, read_bytes
+
+    try:
+        return decode_image(read_bytes(uri)).rgb, None
+    except Exception as e:  # noqa: BLE001 - a file gone or changed: show what we have
+        first = (str(e).strip().splitlines() or [""])[0][:MESSAGE_CHARS]
+        return None, f"{type(e).__name__}: {first}"
+
+
+def _image_picture(
+    row: dict[str, Any], path: Path, clip: tuple[float, float] | None
+) -> tuple[bool, str | None]:
+    """Write the picture of one row to ``path``: original | overlay, the heatmap over a grey
+    placeholder when the original cannot be read, the original alone when the row has no
+    heatmap. Returns (written, note for the caption)."""
+    from PIL import Image
+
+    from flowcore.scorer import Geometry
+    from jobs.render import overlay, save_overlay
+
+    geometry = _geometry(row)
+    grid = _grid(row, clip) if geometry is not None else None
+    rgb, why = _read_original(str(row["image_uri"]))
+    if rgb is not None:
+        small, f = _downscale(rgb)
+        if grid is None or geometry is None:
+            Image.fromarray(small).save(path)
+            return True, "no heatmap stored for this image (scored with --no-heatmaps)"
+        geo = Geometry(geometry.window, geometry.stride, geometry.scale / f)
+        save_overlay(path, small, grid, geo, clip)
+        return True, None
+    if grid is None or geometry is None:
+        return False, f"original not readable ({why}) and no heatmap stored"
+    h = int(row.get("height") or 0) or round(grid.shape[0] * geometry.stride / geometry.scale)
+    w = int(row.get("width") or 0) or round(grid.shape[1] * geometry.stride / geometry.scale)
+    f = min(1.0, PANEL_MAX / max(h, w, 1))
+    ph, pw = max(1, round(h * f)), max(1, round(w * f))
+    grey = np.full((ph, pw, 3), 160, np.uint8)
+    geo = Geometry(geometry.window, geometry.stride, geometry.scale / (pw / w))
+    Image.fromarray(overlay(grey, grid, geo, clip)).save(path)
+    return True, f"original not readable ({why}): heatmap over a grey placeholder"
+
+
+def _top_rows(
+    con: duckdb.DuckDBPyConnection, run_id: str, path_columns: Sequence[str], top: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    sel = _select(path_columns, heatmap=True)
+    base = f"select {sel} from image_scores where run_id = ? and isfinite(anomaly_score)"
+    worst = _dicts(
+        con.execute(f"{base} order by anomaly_score desc, image_uri limit ?", [run_id, top])
+    )
+    seen = {(r["image_uri"], r["etag"]) for r in worst}
+    best = _dicts(
+        con.execute(
+            f"{base} order by anomaly_score asc, image_uri limit ?", [run_id, top + len(seen)]
+        )
+    )
+    best = [r for r in best if (r["image_uri"], r["etag"]) not in seen][:top]
+    return worst, best
+
+
+def _overlays(page: _Page, out: Path, log: Log) -> None:
+    missing_heatmaps = 0
+    for kind, rows in (("worst", page.worst), ("best", page.best)):
+        for i, row in enumerate(rows, 1):
+            name = f"{IMAGES_DIR}/{kind}_{i:02d}.png"
+            written, note = _image_picture(row, out / name, page.clip)
+            row["_picture"] = name if written else None
+            row["_note"] = note
+            missing_heatmaps += row.get("heatmap") is None
+    if missing_heatmaps and page.has_heatmaps:
+        page.note(
+            "images",
+            f"{missing_heatmaps} of these images have no heatmap (the run was scored with "
+            "--no-heatmaps): they are shown without an overlay.",
+        )
+    log(f"report: {len(page.worst) + len(page.best)} worst/best pictures")
+
+
+def _boxplots(
+    con: duckdb.DuckDBPyConnection, page: _Page, data: pa.Table, out: Path, log: Log
+) -> None:
+    from jobs.render import save_image_boxplots
+
+    quality = _numpy(data, "quality")
+    has = _numpy(data, "__has_heatmap", dtype=bool).astype(bool)
+    ok = np.flatnonzero(has & np.isfinite(quality))
+    if ok.size == 0:
+        page.note("boxplots", "no heatmaps stored for this run (--no-heatmaps): no box plots.")
+        return
+    order = ok[np.argsort(quality[ok], kind="stable")]
+    n_bins = min(QUALITY_BINS, order.size)
+    bins = np.array_split(order, n_bins)
+    picks: list[tuple[int, int]] = []  # (row index, bin)
+    for b, members in enumerate(bins):
+        pos = np.unique(np.linspace(0, members.size - 1, min(PICKS_PER_BIN, members.size)))
+        picks.extend((int(members[int(round(p))]), b) for p in pos)
+        lo, hi = quality[members[0]], quality[members[-1]]
+        page.bins.append(f"Q{b + 1}: {lo:.3g} … {hi:.3g} ({members.size} images)")
+    uris = data.column("image_uri").to_pylist()
+    etags = data.column("etag").to_pylist()
+    keys = [(uris[i], etags[i]) for i, _ in picks]
+    maps = _heatmaps(con, page.run.run_id, keys)
+    boxes = []
+    for (i, b), key in zip(picks, keys, strict=True):
+        hm = maps.get(key)
+        if hm is None:
+            continue
+        v = np.asarray(hm, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            boxes.append((f"{_short_name(uris[i])[:28]} ({quality[i]:.3g})", v, b))
+    if not boxes:
+        page.note("boxplots", "the picked images have no finite window log-likelihoods.")
+        return
+    name = f"{IMAGES_DIR}/quality_boxplots.png"
+    save_image_boxplots(
+        out / name,
+        boxes,
+        page.bins,
+        f"window log-likelihoods of {len(boxes)} images across {n_bins} quality bins",
+    )
+    page.pictures["boxplots"] = name
+    log(f"report: box plots of {len(boxes)} images in {n_bins} quality bins")
+
+
+def _median_line(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """Monthly medians when ``t`` spans at least 3 calendar months, else a rolling median of
+    about a tenth of the points (at least 3)."""
+    if t.size < 3:
+        return None
+    order = np.argsort(t, kind="stable")
+    t, v = t[order], v[order]
+    months = t.astype("datetime64[M]")
+    distinct = np.unique(months)
+    if distinct.size >= 3:
+        xs: list[np.datetime64] = []
+        ys: list[float] = []
+        for i, m in enumerate(distinct):
+            if i and (m - distinct[i - 1]).astype(int) > 1:  # a gap: break the line
+                xs.append(m.astype("datetime64[us]"))
+                ys.append(math.nan)
+            xs.append(m.astype("datetime64[us]") + np.timedelta64(15, "D"))
+            ys.append(float(np.median(v[months == m])))
+        return np.array(xs, dtype="datetime64[us]"), np.array(ys), "monthly median"
+    k = int(np.clip(t.size // 10, 3, 201))
+    if k > t.size:
+        return None
+    win = np.lib.stride_tricks.sliding_window_view(v, k)
+    med = np.median(win, axis=1)
+    centre = t[k // 2 : k // 2 + med.size]
+    return centre, med, f"rolling median of {k} images"
+
+
+def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
+    from jobs.render import save_grouped_boxplots, save_histogram, save_trend
+
+    quality = _numpy(data, "quality")
+    finite = np.isfinite(quality)
+    name = f"{IMAGES_DIR}/quality_hist.png"
+    save_histogram(
+        out / name, quality, f"quality of {int(finite.sum())} images", "quality (higher = better)"
+    )
+    page.pictures["hist"] = name
+
+    times = data.column("captured_at").cast("timestamp[us]").to_numpy(zero_copy_only=False)
+    times = np.asarray(times, dtype="datetime64[us]")
+    flagged = np.asarray(
+        data.column("is_anomaly").fill_null(False).to_numpy(zero_copy_only=False), dtype=bool
+    )
+    ok = finite & ~np.isnat(times)
+    if ok.sum() < ok.size:
+        page.note(
+            "quality",
+            f"{int(ok.size - ok.sum())} images without captured_at or quality are left out of "
+            "the trend.",
+        )
+    t, v, f = times[ok], quality[ok], flagged[ok]
+    line = _median_line(t, v)
+    if t.size > MAX_SCATTER:
+        keep = np.sort(np.random.default_rng(0).choice(t.size, MAX_SCATTER, replace=False))
+        page.note(
+            "quality",
+            f"the scatter shows {MAX_SCATTER} of {t.size} images; the median uses all.",
+        )
+        t, v, f = t[keep], v[keep], f[keep]
+    name = f"{IMAGES_DIR}/quality_trend.png"
+    save_trend(out / name, t, v, f, line, "quality over capture time", "quality")
+    page.pictures["trend"] = name
+
+    panels = []
+    for col in page.path_columns:
+        values = data.column(col).to_pylist()
+        if all(x is None for x in values):
+            continue
+        groups: dict[str, list[float]] = {}
+        for x, q in zip(values, quality, strict=True):
+            if math.isfinite(q):
+                groups.setdefault("(none)" if x is None else str(x), []).append(float(q))
+        if len(groups) > MAX_GROUPS:
+            kept = sorted(groups, key=lambda g: -len(groups[g]))[:MAX_GROUPS]
+            page.note(
+                "quality",
+                f"{col}: the {MAX_GROUPS} most frequent of {len(groups)} values are shown.",
+            )
+            groups = {g: groups[g] for g in kept}
+        ordered = sorted(groups, key=_natural_key)
+        panels.append((col, [(g, np.asarray(groups[g])) for g in ordered]))
+    if panels:
+        name = f"{IMAGES_DIR}/quality_by_path.png"
+        save_grouped_boxplots(out / name, panels, "quality")
+        page.pictures["by_path"] = name
+    elif page.path_columns:
+        page.note("quality", "the path columns are empty for this run's images.")
+    else:
+        page.note("quality", "the archive has no key=value path columns.")
+    log(f"report: quality histogram, trend and {len(panels)} path-column box plots")
+
+
+def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> None:
+    from jobs.render import save_bar_chart
+
+    if page.run.errors == 0:
+        return
+    groups = _dicts(
+        con.execute(
+            """
+            select coalesce(stage, '?') as stage, coalesce(error_type, '?') as error_type,
+                   count(*) as n
+            from scoring_errors where run_id = ? group by all order by n desc, 1, 2
+            """,
+            [page.run.run_id],
+        )
+    )
+    examples = con.execute(
+        f"""
+        select stage, error_type, image_uri, message from (
+            select coalesce(stage, '?') as stage, coalesce(error_type, '?') as error_type,
+                   image_uri, message,
+                   row_number() over (partition by coalesce(stage, '?'),
+                                      coalesce(error_type, '?') order by image_uri) as k
+            from scoring_errors where run_id = ?
+        ) where k <= {ERROR_EXAMPLES} order by stage, error_type, k
+        """,
+        [page.run.run_id],
+    ).fetchall()
+    by_group: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for stage, etype, uri, msg in examples:
+        by_group.setdefault((stage, etype), []).append((uri, msg or ""))
+    for g in groups:
+        g["examples"] = by_group.get((g["stage"], g["error_type"]), [])
+    page.error_groups = groups
+    name = f"{IMAGES_DIR}/errors_by_type.png"
+    save_bar_chart(
+        out / name,
+        [f"{g['stage']} / {g['error_type']}"[:60] for g in groups],
+        [int(g["n"]) for g in groups],
+        f"errors of the run by stage / type ({page.run.errors} files)",
+    )
+    page.pictures["errors"] = name
+    log(f"report: {page.run.errors} errors in {len(groups)} stage/type groups")
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif;
+       margin: 1.5em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc;
+     padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: .9em; }
+td, th { border: 1px solid #ddd; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; }
+code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .9em;
+              word-break: break-all; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr));
+           gap: 1em 1.5em; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figcaption { font-size: .85em; color: #333; margin-top: .3em; }
+.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .4em .8em; }
+.flag { color: #8b0000; font-weight: bold; }
+nav a { margin-right: 1em; }
+"""
+
+
+def _notes(page: _Page, section: str) -> str:
+    return "".join(f'<p class="note">{_e(n)}</p>\n' for n in page.notes.get(section, []))
+
+
+def _header(page: _Page) -> str:
+    run, info = page.run, page.run.info or {}
+    started, finished = info.get("started_at"), info.get("finished_at")
+    duration = "–"
+    if isinstance(started, dt.datetime) and isinstance(finished, dt.datetime):
+        duration = f"{(finished - started).total_seconds():.1f} s"
+    ips = info.get("images_per_s")
+    fields = [
+        ("run id", f'<span class="mono">{_e(run.run_id)}</span>'),
+        ("job", _e(info.get("job"))),
+        ("model", f"{_e(info.get('model_name'))} version {_e(info.get('model_version'))}"),
+        ("archive", f'<span class="mono">{_e(info.get("archive"))}</span>'),
+        ("started", _e(_fmt_ts(started))),
+        ("finished", _e(_fmt_ts(finished))),
+        ("duration", _e(duration)),
+        ("status", _e(info.get("status"))),
+        ("images listed", _e(info.get("images_listed"))),
+        ("images scored", _e(info.get("images_scored"))),
+        ("images skipped", _e(info.get("images_skipped"))),
+        ("images failed", _e(info.get("images_failed"))),
+        ("images/s", _e(_fmt_num(ips, 4) if isinstance(ips, float) else ips)),
+        ("rows in image_scores now", _e(run.rows)),
+        ("rows in scoring_errors now", _e(run.errors)),
+    ]
+    if page.clip is not None:
+        lo, hi = page.clip
+        fields.append(("heatmap clip", _e(f"{lo:.4g} … {hi:.4g} ({page.clip_source})")))
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>\n" for k, v in fields)
+    return f"<table>\n{body}</table>\n{_notes(page, 'header')}"
+
+
+def _caption(row: dict[str, Any], path_columns: Sequence[str]) -> str:
+    parts = [f'<span class="mono">{_e(row["image_uri"])}</span>']
+    cols = [f"{_e(c)}={_e(row.get(c))}" for c in path_columns if row.get(c) is not None]
+    if cols:
+        parts.append(" · ".join(cols))
+    flag = row.get("is_anomaly")
+    parts.append(
+        f"captured_at {_e(_fmt_ts(row.get('captured_at')))} · quality "
+        f"{_e(_fmt_num(row.get('quality')))} · anomaly_score "
+        f"{_e(_fmt_num(row.get('anomaly_score')))} · is_anomaly "
+        + (f'<span class="flag">{_e(_fmt_num(flag))}</span>' if flag else _e(_fmt_num(flag)))
+    )
+    if row.get("_note"):
+        parts.append(f"<em>{_e(row['_note'])}</em>")
+    return "<br>".join(parts)
+
+
+def _gallery(rows: Sequence[dict[str, Any]], path_columns: Sequence[str]) -> str:
+    out = []
+    for i, row in enumerate(rows, 1):
+        pic = row.get("_picture")
+        alt = _e(_short_name(str(row["image_uri"])))
+        img = f'<a href="{_e(pic)}"><img src="{_e(pic)}" alt="{alt}"></a>\n' if pic else ""
+        out.append(
+            f"<figure>{img}<figcaption>{i}. {_caption(row, path_columns)}</figcaption></figure>\n"
+        )
+    return '<div class="gallery">\n' + "".join(out) + "</div>\n"
+
+
+def _picture(page: _Page, key: str, alt: str) -> str:
+    pic = page.pictures.get(key)
+    if not pic:
+        return ""
+    return f'<figure><img src="{_e(pic)}" alt="{_e(alt)}"></figure>\n'
+
+
+def _errors_html(page: _Page) -> str:
+    if page.run.errors == 0:
+        return "<p>no errors: every file this run read was scored.</p>\n"
+    rows = []
+    for g in page.error_groups:
+        ex = "".join(
+            f'<li><span class="mono">{_e(uri)}</span>: {_e(msg[:MESSAGE_CHARS])}'
+            f"{'…' if len(msg) > MESSAGE_CHARS else ''}</li>"
+            for uri, msg in g["examples"]
+        )
+        rows.append(
+            f"<tr><td>{_e(g['stage'])}</td><td>{_e(g['error_type'])}</td>"
+            f"<td>{_e(g['n'])}</td><td><ul>{ex}</ul></td></tr>\n"
+        )
+    table = (
+        "<table>\n<tr><th>stage</th><th>error type</th><th>count</th>"
+        f"<th>examples</th></tr>\n{''.join(rows)}</table>\n"
+    )
+    return _picture(page, "errors", "errors by stage and type") + table
+
+
+def _html(page: _Page, top: int) -> str:
+    run = page.run
+    title = f"flowscore report: run {run.run_id}"
+    generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if run.rows:
+        images = (
+            "<p>Each picture: the original | its heatmap overlay (dark red = low window "
+            "log-likelihood, transparent at or above the clip's upper value).</p>\n"
+            f"{_notes(page, 'images')}"
+            f"<h3>The {len(page.worst)} worst (highest anomaly_score)</h3>\n"
+            f"{_gallery(page.worst, page.path_columns)}"
+            f"<h3>The {len(page.best)} best (lowest anomaly_score)</h3>\n"
+            + (
+                _gallery(page.best, page.path_columns)
+                if page.best
+                else "<p>all of this run's images are shown above.</p>\n"
+            )
+        )
+        bins = "".join(f"<li>{_e(b)}</li>" for b in page.bins)
+        boxplots = (
+            "<p>Window log-likelihoods of images picked across equal-count bins of quality "
+            f"(up to {PICKS_PER_BIN} per bin), one box per image, ordered by quality and "
+            "coloured by bin (as Figure 2 of the grain paper).</p>\n"
+            f"{_notes(page, 'boxplots')}{_picture(page, 'boxplots', 'per-image box plots')}"
+            + (f"<ul>{bins}</ul>\n" if bins else "")
+        )
+        quality = (
+            "<p>quality = (p25 + p50) / 2 of the window log-likelihoods (lower = worse).</p>\n"
+            f"{_notes(page, 'quality')}"
+            f"{_picture(page, 'hist', 'quality histogram')}"
+            f"{_picture(page, 'trend', 'quality over captured_at')}"
+            f"{_picture(page, 'by_path', 'quality by path column')}"
+        )
+    else:
+        none = '<p class="note">this run has no rows left in image_scores.</p>\n'
+        images = boxplots = quality = none
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{_e(title)}</h1>
+<nav><a href="#run">run</a><a href="#images">worst &amp; best</a>
+<a href="#boxplots">box plots</a><a href="#quality">quality</a><a href="#errors">errors</a></nav>
+<h2 id="run">Run</h2>
+{_header(page)}
+<h2 id="images">Worst and best images (top {_e(top)})</h2>
+{images}
+<h2 id="boxplots">Per-image window log-likelihoods by quality bin</h2>
+{boxplots}
+<h2 id="quality">Quality: distribution, trend and path columns</h2>
+{quality}
+<h2 id="errors">Errors</h2>
+{_notes(page, "errors")}{_errors_html(page)}
+<p><small>generated {_e(generated)} by flowscore report</small></p>
+</body>
+</html>
+"""
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _clear_old(images: Path) -> None:
+    """Remove the PNGs an earlier report left in ``images`` (names this module writes)."""
+    pattern = re.compile(r"^(worst_\d+|best_\d+|quality_\w+|errors_by_type)\.png$")
+    if images.is_dir():
+        for p in images.iterdir():
+            if p.is_file() and pattern.match(p.name):
+                p.unlink()
+
+
+def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAULT_TOP) -> Path:
+    """Write the report of run ``run_id`` (default: the most recent run with scored rows)
+    into ``out_dir`` (created if missing) and return the path of its ``index.html``.
+
+    Raises :class:`ReportUsageError` for empty tables, an unknown run id, a run with no rows
+    left, ``top < 1`` or a catalog that cannot be opened."""
+    from jobs.query import connect
+    from pipelines.tables import TablesError
+
+    if top < 1:
+        raise ReportUsageError(f"the number of worst/best images must be >= 1, not {top}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportUsageError(f"--out {out} exists and is not a directory")
+    try:
+        con = connect()
+    except TablesError as e:
+        raise ReportUsageError(str(e)) from e
+    try:
+        run = _choose_run(con, run_id)
+        log(f"report: run {run.run_id}: {run.rows} scored rows, {run.errors} error rows")
+        page = _Page(run=run, path_columns=_path_columns(con))
+        info = run.info or {}
+        scored = info.get("images_scored")
+        if run.info is None:
+            page.note("header", "this run has no row in the runs table.")
+        if isinstance(scored, int) and run.rows < scored:
+            page.note(
+                "header",
+                f"the run scored {scored} images but {run.rows} of its rows remain in "
+                "image_scores: a later run rescored the others (UPSERT on image_uri, etag, "
+                "model_version).",
+            )
+        failed = info.get("images_failed")
+        if isinstance(failed, int) and run.errors < failed:
+            page.note(
+                "errors",
+                f"the run recorded {failed} failed files, {run.errors} of its error rows "
+                "remain (a later run failed or scored the others).",
+            )
+        if run.rows == 0:
+            page.note("header", "this run has no rows left in image_scores.")
+        images_dir = out / IMAGES_DIR
+        images_dir.mkdir(parents=True, exist_ok=True)
+        _clear_old(images_dir)
+        if run.rows:
+            _scored_sections(con, page, out, top, log)
+        _errors(con, page, out, log)
+    finally:
+        con.close()
+    index = out / "index.html"
+    tmp = out / f".index.html.{os.getpid()}.tmp"
+    tmp.write_text(_html(page, top), encoding="utf-8")
+    os.replace(tmp, index)
+    log(f"report: wrote {index}")
+    return index
+
+
+def _scored_sections(
+    con: duckdb.DuckDBPyConnection, page: _Page, out: Path, top: int, log: Log
+) -> None:
+    run_id = page.run.run_id
+    data = _arrow_table(
+        con,
+        f"select {_select(page.path_columns, heatmap=False)} from image_scores where run_id = ?",
+        [run_id],
+    )
+    with_maps = int(np.asarray(data.column("__has_heatmap").to_numpy(zero_copy_only=False)).sum())
+    page.has_heatmaps = with_maps > 0
+    if with_maps:
+        first = con.execute(
+            "select model_name, model_version from image_scores where run_id = ? limit 1",
+            [run_id],
+        ).fetchone() or (None, None)
+        info = page.run.info or {}
+        name = info.get("model_name") or first[0]
+        version = info.get("model_version") or first[1]
+        page.clip = _registry_clip(str(name or ""), str(version or ""), log)
+        page.clip_source = f"heatmap_clip of models:/{name}/{version}"
+        if page.clip is None:
+            page.clip = _run_clip(con, run_id)
+            page.clip_source = (
+                f"{CLIP_QUANTILES[0]:.1%} and {CLIP_QUANTILES[1]:.0%} quantiles of the "
+                f"run's window log-likelihoods (up to {CLIP_SAMPLE_IMAGES} images)"
+            )
+    else:
+        page.note(
+            "images",
+            "this run stored no heatmaps (scored with --no-heatmaps): originals are shown "
+            "without overlays.",
+        )
+    page.worst, page.best = _top_rows(con, run_id, page.path_columns, top)
+    _overlays(page, out, log)
+    _boxplots(con, page, data, out, log)
+    _quality_figures(page, data, out, log)
