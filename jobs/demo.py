@@ -1,7 +1,8 @@
-"""The demo: synth -> ``flowscore train`` (Ray Train, MLflow registry) -> ``flowscore
-evaluate`` against baselines -> ``flowscore score`` of the held-out year through Ray Data into
-the Iceberg tables -> ``flowscore query`` for the 10 worst -> heatmap overlays drawn from the
-table's heatmap column."""
+"""The demo, the whole product on embedded defaults: synth a harvest archive over three years
+-> ``flowscore train`` on two (Ray Train, MLflow registry) -> ``flowscore evaluate`` on the third
+against baselines -> ``flowscore run`` (the nightly job scores the archive through Ray Data into
+the Iceberg tables) -> ``flowscore run`` again (nothing new) -> ``flowscore query`` for the worst
+images -> ``flowscore report`` -> where everything is."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 __all__ = ["run_demo"]
 
@@ -39,14 +38,12 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
 
     from sklearn.metrics import roc_auc_score
 
-    from flowcore.bundle import load_bundle
     from jobs.evaluate import EvalRequest, run_evaluate
+    from jobs.nightly import run_job
     from jobs.query import run_query
-    from jobs.render import save_overlay
-    from jobs.score import ScoreRequest, run_score
+    from jobs.report import run_report
     from jobs.train import TrainRequest, run_train
     from pipelines import tables, tracking
-    from pipelines.archive import decode_image, read_bytes
     from pipelines.synth import write_archive
     from pipelines.truth import read_labels
 
@@ -59,16 +56,16 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     home = Path(os.environ["FLOWSCORE_HOME"])
     archive = workdir / "archive"
     if archive.exists() and any(archive.iterdir()):
-        _say(f"[1/5] using the existing archive {archive}")
+        _say(f"[1/7] using the existing archive {archive}")
     else:
-        _say(f"[1/5] synthesizing {images} harvest images over 2017-2019 into {archive}")
+        _say(f"[1/7] synthesizing {images} harvest images over 2017-2019 into {archive}")
         s = write_archive(archive, kind="harvest", images=images, seed=seed, anomaly_rate=0.2)
         _say(f"      {s.images} images, {s.anomalous} with anomalies (ground truth in _truth/)")
 
     log = (lambda m: None) if quiet else (lambda m: _say("      " + m))
     workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     _say(
-        f"[2/5] flowscore train: grain-quarter (11×11×3 windows at 25 %, MAF) on the normal "
+        f"[2/7] flowscore train: grain-quarter (11×11×3 windows at 25 %, MAF) on the normal "
         f"images of {'+'.join(TRAIN_YEARS)}, Ray Train with {workers} workers, MLflow in {home}"
     )
     out = run_train(
@@ -88,7 +85,7 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
         f"{out.best_val_nll:.2f} vs {out.initial_val_nll:.2f} untrained"
     )
 
-    _say(f"[3/5] flowscore evaluate on {TEST_YEAR}: the flow beside four baselines")
+    _say(f"[3/7] flowscore evaluate on {TEST_YEAR}: the flow beside four baselines")
     run_evaluate(
         EvalRequest(
             archive=str(archive),
@@ -99,33 +96,36 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
         log,
     )
 
-    _say(f"[4/5] flowscore score: the {TEST_YEAR} images through Ray Data into Iceberg tables")
-    scored = run_score(
-        ScoreRequest(
-            archive=str(archive),
-            model="models:/demo-grain@champion",
-            actors=1,
-            commit_every=20,
-            job="demo",
-            only=(("year", (TEST_YEAR,)),),
-        ),
-        log,
+    job = workdir / "demo-nightly.toml"
+    job.write_text(
+        "# the nightly job of the demo: `flowscore run` this file again to score what is new\n"
+        f'[job]\nname = "demo-nightly"\narchive = "{archive}"\n'
+        'model = "models:/demo-grain@champion"\n'
+        "[score]\nactors = 1\ncommit_every = 50\nmax_error_rate = 0.05\n"
     )
     _say(
-        f"      run {scored.run_id[:8]}: {scored.scored} scored, {scored.failed} failed, "
-        f"{scored.images_per_s:.1f} images/s, model version {scored.model_version}"
+        f"[4/7] flowscore run {job.name}: the nightly job scores the archive through Ray Data "
+        "into the Iceberg tables (2019 is new to the model)"
     )
+    code = run_job(job, log=log, out=lambda m: _say("      " + m))
+    if code != 0:
+        return code
+    _say(f"[5/7] flowscore run {job.name} once more: only what is new gets scored")
+    code = run_job(job, log=log, out=lambda m: _say("      " + m))
+    if code != 0:
+        return code
+
     worst_sql = (
         "select image_uri, camera, quality, p05, anomaly_score, is_anomaly "
         f"from image_scores where year = '{TEST_YEAR}' order by anomaly_score desc limit 10"
     )
-    _say(f'      flowscore query "{worst_sql}"')
+    _say(f'[6/7] flowscore query "{worst_sql}"')
     buf = io.StringIO()
     run_query(worst_sql, "table", out=buf)
     for line in buf.getvalue().splitlines():
         _say("      " + line)
     rows = _query_rows(
-        "select image_uri, anomaly_score, grid_h, grid_w, heatmap from image_scores "
+        "select image_uri, anomaly_score from image_scores "
         f"where year = '{TEST_YEAR}' order by anomaly_score desc"
     )
     labels = read_labels(str(archive))
@@ -135,27 +135,23 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
         pairs = [(t, r["anomaly_score"]) for t, r in zip(y, rows, strict=True) if t is not None]
         auroc = roc_auc_score([t for t, _ in pairs], [s for _, s in pairs])
         _say(f"      image AUROC on {TEST_YEAR} from the table against ground truth: {auroc:.3f}")
-    resolved = tracking.resolve_model(f"models:/demo-grain/{scored.model_version}")
-    scorer = load_bundle(resolved.path)
 
-    out_dir = workdir / "overlays"
-    _say(f"[5/5] writing heatmap overlays (original | overlay) from the table to {out_dir}")
-    for rank, r in enumerate([*rows[:10], rows[-1]], start=1):
-        rel = r["image_uri"].removeprefix(prefix)
-        name = "best.png" if rank == 11 else f"{rank:02d}_" + rel.replace("/", "_")[:-4] + ".png"
-        grid = np.asarray(r["heatmap"], np.float32).reshape(r["grid_h"], r["grid_w"])
-        rgb = decode_image(read_bytes(r["image_uri"])).rgb
-        save_overlay(out_dir / name, rgb, grid, scorer.geometry, scorer.heatmap_clip)
+    report_dir = workdir / "report"
+    _say(f"[7/7] flowscore report --out {report_dir}")
+    index = run_report(report_dir, None, log)
+    resolved = tracking.resolve_model("models:/demo-grain@champion")
     _say("")
     _say(f"done in {time.perf_counter() - t_start:.0f} s. Look at:")
-    _say(f"  overlays    {out_dir}/01_*.png (dark red = low likelihood)")
+    _say(f"  report      {index}  (open it in a browser)")
     _say(f"  evaluation  {workdir / 'evaluation'}/roc_pixel.png and evaluation.json")
     _say(f"  model       {resolved.path}/flowscore.json ({out.model_uri})")
-    _say(f"  tables      {tables.catalog_config()['warehouse']} (Iceberg), e.g.")
-    _say(
-        '              flowscore query "select camera, count(*), avg(quality) '
-        'from image_scores group by camera"'
-    )
+    _say(f"  nightly     FLOWSCORE_HOME={home} flowscore run {job}")
     _say(f"  MLflow      mlflow ui --backend-store-uri {tracking.tracking_uri()}")
-    _say(f"  archive     {archive} (ground truth in _truth/)")
+    _say(f"  tables      {tables.catalog_config()['warehouse']} (Iceberg); try:")
+    for q in (
+        "select camera, count(*) as images, avg(quality) as quality from image_scores "
+        "group by camera",
+        "select year, sum(is_anomaly::int) as flagged from image_scores group by year",
+    ):
+        _say(f'              FLOWSCORE_HOME={home} flowscore query "{q}"')
     return 0

@@ -140,7 +140,8 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, monkeypatch) -> Non
     assert "registered models:/demo-grain/1" in out and "pixel AUROC" in out
     assert "flowscore query" in out and re.search(r"\((\d+) rows\)", out)
     assert "image AUROC on 2019 from the table" in out
-    overlays = sorted((tmp_path / "d" / "overlays").glob("*.png"))
-    assert len(overlays) >= 2
+    assert "nothing new to score" in out
+    assert (tmp_path / "d" / "report" / "index.html").is_file()
+    assert len(list((tmp_path / "d" / "report").rglob("*.png"))) >= 4
     assert (tmp_path / "d" / "evaluation" / "evaluation.json").is_file()
     assert (tmp_path / "home" / "models" / "demo-grain" / "1" / "weights.safetensors").is_file()

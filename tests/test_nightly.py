@@ -180,3 +180,11 @@ def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_session, home, tmp_
         time.sleep(2)
     _check_exactly_once(archive)
     assert len(_read("image_scores")) == 30
+
+
+def test_unreachable_catalog_is_a_usage_error(home, tmp_path, model, capsys, monkeypatch):
+    monkeypatch.setenv("FLOWSCORE_CATALOG_URI", "sqlite:////nonexistent-dir/x/catalog.db")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    assert main(["run", str(_job(tmp_path, archive, str(model)))]) == 2
+    assert "nonexistent-dir" in capsys.readouterr().err
