@@ -23,6 +23,7 @@ __all__ = [
     "fit_flow",
     "mean_nll",
     "train_epoch",
+    "nll_step",
     "optimizer_tensors",
     "load_optimizer_tensors",
 ]
@@ -84,6 +85,24 @@ def mean_nll(flow: Flow, x: Tensor, batch_size: int = 4096) -> float:
     return total / max(1, x.shape[0])
 
 
+def nll_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, x: Tensor, clip_norm: float
+) -> float:
+    """One maximum-likelihood step on the rows x: ``model(x)`` is their log-density (a
+    :class:`Flow`, or one wrapped by DDP, whose forward is ``log_prob``). Returns the batch's
+    mean NLL; a non-finite loss raises instead of poisoning the weights."""
+    loss = -model(x).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"training NLL became {float(loss)}; lower the learning rate or check the data"
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    opt.step()
+    return float(loss.detach())
+
+
 def train_epoch(
     flow: Flow,
     opt: torch.optim.Optimizer,
@@ -99,16 +118,7 @@ def train_epoch(
         idx = perm[start : start + cfg.batch_size]
         if idx.numel() < 2:  # batch norm needs two rows
             continue
-        loss = -flow.log_prob(x[idx]).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training NLL became {float(loss)}; lower the learning rate or check the data"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flow.parameters(), cfg.clip_norm)
-        opt.step()
-        total += float(loss.detach()) * idx.numel()
+        total += nll_step(flow, opt, x[idx], cfg.clip_norm) * idx.numel()
         count += idx.numel()
     return total / max(1, count)
 

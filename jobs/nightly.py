@@ -23,7 +23,6 @@ rate passed ``max_error_rate``; 1 anything else.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +64,13 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
 
 def load_job(path: str | Path) -> JobSpec:
     """Parse and check a job spec; errors name the file and the key."""
+    from jobs.tomlfile import TomlFileError, read_toml
+
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise JobUsageError(f"{p}: job spec not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise JobUsageError(f"{p}: cannot read ({e})") from e
-    except tomllib.TOMLDecodeError as e:
-        raise JobUsageError(f"{p}: not valid TOML ({e})") from e
+        data = read_toml(p, "job spec")
+    except TomlFileError as e:
+        raise JobUsageError(str(e)) from e
     values: dict[str, Any] = {}
     for section, content in data.items():
         if section not in _SECTIONS:

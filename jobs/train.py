@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -76,15 +75,12 @@ def load_spec(preset: str, config: str | None, max_epochs: int | None = None) ->
         raise TrainUsageError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     if config:
-        path = Path(config)
+        from jobs.tomlfile import TomlFileError, read_toml
+
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise TrainUsageError(f"{config}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise TrainUsageError(f"{config}: cannot read ({e})") from e
-        except tomllib.TOMLDecodeError as e:
-            raise TrainUsageError(f"{config}: not valid TOML ({e})") from e
+            data = read_toml(config, "config file")
+        except TomlFileError as e:
+            raise TrainUsageError(str(e)) from e
         try:
             spec = apply_overrides(spec, data, str(config))
         except ConfigError as e:

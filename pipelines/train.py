@@ -48,6 +48,7 @@ from flowcore.flows import Flow, build_flow
 from flowcore.training import (
     EarlyStopping,
     load_optimizer_tensors,
+    nll_step,
     optimizer_tensors,
 )
 
@@ -311,16 +312,7 @@ def train_loop(config: dict[str, Any]) -> None:
             x = batch["x"]
             if x.shape[0] < 2:  # batch norm needs two rows; equal shards skip alike
                 continue
-            loss = -model(x).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training NLL became {float(loss)} at epoch {epoch}; lower fit.lr"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            opt.step()
-            total += float(loss.detach()) * x.shape[0]
+            total += nll_step(model, opt, x, cfg.clip_norm) * x.shape[0]
             count += x.shape[0]
         t_sum, t_n = _allreduce([total, float(count)])
         v_sum, v_n = _allreduce(list(_nll_sums(flow, val_it, device)))
