@@ -188,3 +188,30 @@ def test_unreachable_catalog_is_a_usage_error(home, tmp_path, model, capsys, mon
     archive.mkdir()
     assert main(["run", str(_job(tmp_path, archive, str(model)))]) == 2
     assert "nonexistent-dir" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+def test_nightly_job_with_an_s3_warehouse(
+    ray_session, s3_server, home, tmp_path, model, monkeypatch
+):
+    """The tables in an s3:// warehouse (moto), the lock in the catalog database: the job
+    scores, a second run finds nothing new, and a live lock still stops a second run."""
+    from conftest import make_bucket
+
+    make_bucket("wh-nightly")
+    monkeypatch.setenv("FLOWSCORE_WAREHOUSE", "s3://wh-nightly/warehouse")
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="factory", images=6, seed=6, height=64, width=96)
+    job = _job(tmp_path, archive, str(model), name="s3wh")
+    assert main(["run", str(job), "--quiet"]) == 0
+    _check_exactly_once(archive)
+    files = tables.snapshot_files(tables.load_catalog_().load_table("flowscore.image_scores"))
+    assert files and all(f.startswith("s3://wh-nightly/warehouse/") for f in files)
+    assert main(["run", str(job), "--quiet"]) == 0
+    holder = JobLock(tables.catalog_config()["uri"], "s3wh", lease_s=60)
+    holder.acquire()
+    try:
+        assert main(["run", str(job), "--quiet"]) == 2
+    finally:
+        holder.release()
