@@ -292,21 +292,15 @@ def image_generator(seed: int, key: str) -> torch.Generator:
 
 def split_holdout(keys: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split items (by a stable key such as the image path) into (train, held-out) indices.
-    Whole images are held out; the split depends only on the key and the seed, so it is the
-    same on every run and machine. At least one item lands on each side when there are two."""
+    Whole images are held out: the ``round(fraction · n)`` items (at least one, never all)
+    whose keys hash lowest under ``seed``. The split depends only on the set of keys and the
+    seed, not on their order, so it is the same on every run and machine."""
     if len(keys) < 2:
         raise ValueError(f"need at least 2 images to hold some out, got {len(keys)}")
-    u = [
-        int.from_bytes(hashlib.sha256(f"{seed}:{k}".encode()).digest()[:8], "little") / 2**64
-        for k in keys
-    ]
-    val = [i for i, x in enumerate(u) if x < fraction]
-    if not val:
-        val = [min(range(len(keys)), key=u.__getitem__)]
-    if len(val) == len(keys):
-        val.remove(max(range(len(keys)), key=u.__getitem__))
-    held = set(val)
-    return [i for i in range(len(keys)) if i not in held], sorted(val)
+    u = [hashlib.sha256(f"{seed}:{k}".encode()).digest() for k in keys]
+    n_val = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    held = set(sorted(range(len(keys)), key=lambda i: (u[i], keys[i]))[:n_val])
+    return [i for i in range(len(keys)) if i not in held], sorted(held)
 
 
 @torch.no_grad()
