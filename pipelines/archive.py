@@ -23,7 +23,14 @@ store). See "Archive layout" in DESIGN.md. The rules implemented here:
 
 Decoding (:func:`decode_image`) never lets a bad file escape as anything but
 :class:`DecodeError`, whose ``stage``/``error_type``/``message`` fill one ``scoring_errors``
-row (Promise 1). Every mode Pillow opens is converted to 8-bit RGB; see
+row (Promise 1).
+
+S3 (Promise 5): every request is bounded by the ``FLOWSCORE_S3_*`` timeouts and client
+retries (:mod:`pipelines.storage`). Reading, opening and listing retry transient failures
+(timeouts, connection errors, HTTP 5xx, throttling) with backoff for up to
+``FLOWSCORE_S3_RETRY_BUDGET_S``, then raise :class:`StorageUnavailable`: an outage is never
+a per-file error. A missing file or a denied access is one (``DecodeError``, stage
+``read``). Every mode Pillow opens is converted to 8-bit RGB; see
 :func:`decode_image` for the conversion rules (16-bit is scaled by 1/256, alpha is
 composited onto black).
 """
@@ -44,6 +51,8 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
+from .storage import S3FS_RETRIES, StorageUnavailable, retry_transient, s3fs_kwargs
+
 __all__ = [
     "ALLOWED_FORMATS",
     "IMAGE_EXTENSIONS",
@@ -51,6 +60,7 @@ __all__ = [
     "ArchiveError",
     "DecodeError",
     "DecodedImage",
+    "StorageUnavailable",
     "captured_at",
     "decode_image",
     "is_image_path",
@@ -112,8 +122,9 @@ _EXIF_ERRORS: tuple[type[BaseException], ...] = (
 )
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
-# Per-file read failures that become a scoring_errors row (stage "read"); anything else
-# (network, throttling, credentials) propagates so the caller can retry or stop the run.
+# Per-file read failures that become a scoring_errors row (stage "read"). Transient S3
+# failures are retried and end as StorageUnavailable; anything else (credentials, bugs)
+# propagates unchanged.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     IsADirectoryError,
@@ -193,17 +204,21 @@ def _shorten(text: str, limit: int = _MESSAGE_LIMIT) -> str:
 
 
 def _s3_filesystem() -> fsspec.AbstractFileSystem:
-    """An s3fs filesystem; ``AWS_ENDPOINT_URL`` (if set) selects the endpoint.
+    """An s3fs filesystem; ``AWS_ENDPOINT_URL`` (if set) selects the endpoint, the
+    ``FLOWSCORE_S3_*`` settings its timeouts and retries (:func:`pipelines.storage.s3fs_kwargs`).
 
     fsspec caches instances by their arguments, so repeated calls share one client.
     """
     import s3fs  # imported lazily: aiobotocore is slow to import
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = s3fs_kwargs()
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         kwargs["client_kwargs"] = {"endpoint_url": endpoint}
     fs: fsspec.AbstractFileSystem = s3fs.S3FileSystem(**kwargs)
+    # s3fs retries in two nested loops around botocore's own retries (5 x 5 x botocore's by
+    # default); botocore's bounded retries and retry_transient's budget are the only ones
+    fs.retries = S3FS_RETRIES
     return fs
 
 
@@ -246,8 +261,9 @@ def open_archive(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         ``bucket/prefix`` on S3, no trailing slash).
 
     Raises:
-        ArchiveError: the path does not exist, is not a directory, the bucket is missing,
-            or the scheme is not supported. The message names the URI.
+        ArchiveError: the path does not exist, is not a directory, the bucket is missing or
+            denied, or the scheme is not supported. The message names the URI.
+        StorageUnavailable: S3 kept failing for longer than the retry budget.
     """
     scheme, path = _split_uri(uri)
     if scheme == "file":
@@ -259,25 +275,39 @@ def open_archive(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return fs, path
     fs = _s3_filesystem()
     bucket = path.split("/", 1)[0]
-    fs.invalidate_cache(path)
-    if not fs.exists(bucket):
-        raise ArchiveError(f"archive {uri!r}: bucket {bucket!r} does not exist")
-    if path != bucket:
-        if fs.isfile(path):
-            raise ArchiveError(f"archive {uri!r} is an object, not a prefix (directory)")
-        if not fs.isdir(path):
-            raise ArchiveError(f"archive {uri!r} does not exist (no objects under the prefix)")
+
+    def check() -> None:
+        fs.invalidate_cache(path)
+        try:
+            # not fs.exists(bucket): that answers False for any error, an outage included
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise ArchiveError(f"archive {uri!r}: bucket {bucket!r} does not exist") from None
+        except PermissionError as e:
+            raise ArchiveError(f"archive {uri!r}: access to bucket {bucket!r} denied: {e}") from e
+        if path != bucket:
+            if fs.isfile(path):
+                raise ArchiveError(f"archive {uri!r} is an object, not a prefix (directory)")
+            if not fs.isdir(path):
+                raise ArchiveError(f"archive {uri!r} does not exist (no objects under the prefix)")
+
+    retry_transient(check, "open the archive", uri)
     return fs, path
 
 
 def read_bytes(uri: str) -> bytes:
     """Read a whole file given by an ``image_uri`` (or any path/``file://``/``s3://`` URI).
 
+    S3 reads are retried on transient failures (timeouts, connection errors, HTTP 5xx,
+    throttling) with exponential backoff for up to ``FLOWSCORE_S3_RETRY_BUDGET_S``
+    (:func:`pipelines.storage.retry_transient`).
+
     Raises:
         DecodeError: ``stage="read"`` when the file itself is unreadable: missing (e.g.
             deleted since listing), a directory, or access denied.
-        Exception: other failures (network, throttling, credentials) propagate unchanged,
-            so the caller can retry them or end the run.
+        StorageUnavailable: S3 kept failing for longer than the retry budget (an outage,
+            not a bad file: the caller must end the run, not write an error row).
+        Exception: other failures (credentials, bugs) propagate unchanged.
     """
     try:
         scheme, path = _split_uri(uri)
@@ -287,7 +317,9 @@ def read_bytes(uri: str) -> bytes:
         if scheme == "file":
             with open(path, "rb") as f:
                 return f.read()
-        data = _s3_filesystem().cat_file(path)
+        fs = _s3_filesystem()
+        # one GET (max_concurrency=1 skips the HEAD that s3fs sends to split large files)
+        data = retry_transient(lambda: fs.cat_file(path, max_concurrency=1), "read", uri)
         return bytes(data)
     except _READ_ERRORS as e:
         raise DecodeError("read", type(e).__name__, f"{uri}: {e}") from e
@@ -373,6 +405,7 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
 
     Raises:
         ArchiveError: as :func:`open_archive`.
+        StorageUnavailable: S3 kept failing for longer than the retry budget.
     """
     fs, root = open_archive(uri)
     scheme, _ = _split_uri(uri)
@@ -389,8 +422,12 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
             )
         return
 
-    fs.invalidate_cache(root)
-    found = fs.find(root, detail=True, withdirs=False)
+    def find() -> dict[str, Any]:
+        fs.invalidate_cache(root)
+        found: dict[str, Any] = fs.find(root, detail=True, withdirs=False)
+        return found
+
+    found = retry_transient(find, "list the archive", uri)
     prefix = root + "/"
     remote: list[tuple[str, int, str, datetime | None]] = []
     for name, info in found.items():
