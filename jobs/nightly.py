@@ -1,8 +1,9 @@
 """``flowscore run JOB.toml``: the nightly job. Incremental, resumable, locked.
 
 1. **Validate before touching anything**: the spec (unknown keys, types), the archive, the
-   catalog and the model (resolved once to a version, which pins the whole run). Each problem
-   is one line and exit code 2.
+   model (resolved once to a version, which pins the whole run, and loaded in full: a bundle
+   with a pickle-capable file or tensors that disagree with its config is refused before the
+   catalog or Ray are touched) and the catalog. Each problem is one line and exit code 2.
 2. **Lock** the job (a lease row in the catalog database, see ``pipelines.lock``): a second
    run of the same job exits at once naming the holder; a lock left by a dead run is taken
    over once its lease has expired.
@@ -105,7 +106,7 @@ def run_job(
     log: Log,
     out: Callable[[str], None] = print,
 ) -> int:
-    from jobs.score import ScoreRequest, model_identity, run_score
+    from jobs.score import ScoreRequest, ScoreUsageError, check_bundle, model_identity, run_score
     from pipelines import tables, tracking
     from pipelines.archive import ArchiveError, list_archive, open_archive
     from pipelines.lock import JobLock, LockHeld
@@ -122,6 +123,10 @@ def run_job(
         raise JobUsageError(f"{path}: job.model: {e}") from e
     except tracking.TrackingError as e:
         raise JobUsageError(str(e)) from e
+    try:
+        check_bundle(resolved.path)
+    except ScoreUsageError as e:
+        raise JobUsageError(f"{path}: job.model {spec.model}: {e}") from e
     try:
         catalog = tables.load_catalog_()
     except tables.TablesError as e:
@@ -175,6 +180,7 @@ def run_job(
                 job=spec.name,
                 ray_address=ray_address,
                 skip=frozenset(done),
+                resolved=resolved,  # pinned: the registry is not asked again
             ),
             log,
         )

@@ -681,6 +681,10 @@ def _header(page: _Page) -> str:
         ("rows in image_scores now", _e(run.rows)),
         ("rows in scoring_errors now", _e(run.errors)),
     ]
+    if info.get("mlflow_run_id"):
+        fields.append(("MLflow run", f'<span class="mono">{_e(info["mlflow_run_id"])}</span>'))
+    if info.get("warnings"):
+        fields.append(("warnings", f'<span class="flag">{_e(info["warnings"])}</span>'))
     if page.clip is not None:
         lo, hi = page.clip
         fields.append(("heatmap clip", _e(f"{lo:.4g} … {hi:.4g} ({page.clip_source})")))

@@ -51,6 +51,7 @@ class JobLock:
 
     def __init__(self, db_uri: str, job: str, *, lease_s: float = 120.0) -> None:
         from sqlalchemy import Column, DateTime, MetaData, String, Table, create_engine
+        from sqlalchemy.exc import OperationalError, ProgrammingError
 
         self.job = job
         self.lease_s = lease_s
@@ -67,7 +68,11 @@ class JobLock:
             Column("acquired_at", DateTime, nullable=False),
             Column("expires_at", DateTime, nullable=False),
         )
-        meta.create_all(self.engine, checkfirst=True)
+        try:
+            meta.create_all(self.engine, checkfirst=True)
+        except (OperationalError, ProgrammingError):
+            # another run created the table between the check and the CREATE: it is there now
+            meta.create_all(self.engine, checkfirst=True)
         self.took_over: LockInfo | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -8,9 +8,10 @@ Catalog
     production: ``FLOWSCORE_CATALOG_URI`` (e.g. ``postgresql+psycopg2://…``) and
     ``FLOWSCORE_WAREHOUSE`` (e.g. ``s3://bucket/warehouse``). For an ``s3://`` warehouse the
     endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``) and region (``AWS_REGION`` or
-    ``AWS_DEFAULT_REGION``) are passed on as ``s3.endpoint`` / ``s3.region``. Credentials are
-    deliberately *not* copied into the properties (they would travel with every Ray task and
-    could end up in logs): pyarrow and s3fs take them from the standard AWS chain
+    ``AWS_DEFAULT_REGION``) are passed on as ``s3.endpoint`` / ``s3.region``, and the bounded
+    timeouts and retries of ``FLOWSCORE_S3_*`` as FileIO properties (:mod:`pipelines.storage`).
+    Credentials are deliberately *not* copied into the properties (they would travel with
+    every Ray task and could end up in logs): pyarrow and s3fs take them from the AWS chain
     (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance or pod roles) in every
     process that writes. Further pyiceberg properties can be set without code through
     pyiceberg's own ``PYICEBERG_CATALOG__FLOWSCORE__<KEY>`` environment variables.
@@ -24,7 +25,10 @@ Tables (namespace ``flowscore``; columns exactly as DESIGN.md, "Tables")
                        an old model version be dropped by a metadata-only delete.
     ``scoring_errors`` key (image_uri, etag): one row per failing file version (the latest
                        run's); unpartitioned.
-    ``runs``           key run_id; unpartitioned, one row per run.
+    ``runs``           key run_id; unpartitioned, one row per run. Beyond DESIGN's
+                       columns it has ``mlflow_run_id`` (null when MLflow was unavailable)
+                       and ``warnings`` (what went wrong without failing the run); a
+                       ``runs`` table of an older flowscore gets them by schema evolution.
 
 Key columns are Iceberg *required* fields (identifier fields must be), so the Arrow schemas
 here mark them ``nullable=False``; everything else is optional (a ``heatmap`` is null when a
@@ -172,6 +176,11 @@ RUNS_SCHEMA = pa.schema(
         _field("images_skipped", pa.int64()),
         _field("images_failed", pa.int64()),
         _field("images_per_s", pa.float64()),
+        # the MLflow run that tracks this run's metrics; null when MLflow was unavailable
+        _field("mlflow_run_id", _STR),
+        # what went wrong without failing the run (e.g. "MLflow unavailable at …"); null if
+        # nothing did; several warnings are joined with "; "
+        _field("warnings", _STR),
     ]
 )
 
@@ -201,7 +210,9 @@ def catalog_config() -> dict[str, str]:
     """The pyiceberg SQL-catalog properties (see the module docstring), all plain strings.
 
     Keys: ``name`` (``flowscore``), ``type`` (``sql``), ``uri`` and ``warehouse``; with an
-    ``s3://`` warehouse also ``s3.endpoint`` and ``s3.region`` when the environment names them.
+    ``s3://`` warehouse also ``s3.endpoint`` and ``s3.region`` when the environment names them,
+    and the FileIO's timeouts and retries from ``FLOWSCORE_S3_*`` (``s3.connect-timeout``,
+    ``s3.request-timeout``, ``s3.retry-strategy-impl``; see :mod:`pipelines.storage`).
     Pass it unchanged as ``catalog_kwargs`` to Ray's ``write_iceberg`` (Ray pops ``name``).
     """
     uri = _env(CATALOG_URI_ENV)
@@ -223,6 +234,9 @@ def catalog_config() -> dict[str, str]:
             cfg["s3.endpoint"] = endpoint
         if region:
             cfg["s3.region"] = region
+        from .storage import iceberg_properties
+
+        cfg.update(iceberg_properties())
     return cfg
 
 
@@ -259,16 +273,32 @@ def load_catalog_() -> Catalog:
 
     cfg = catalog_config()
     name = cfg.pop("name")
-    try:
-        catalog = load_catalog(name, **cfg)
-        catalog.create_namespace_if_not_exists(NAMESPACE)
-    except Exception as e:  # noqa: BLE001 - any driver/IO error: one clear line
-        raise TablesError(
-            f"cannot open the Iceberg catalog at {redact_uri(cfg['uri'])} "
-            f"(warehouse {cfg['warehouse']}; set {CATALOG_URI_ENV} / {WAREHOUSE_ENV}): "
-            f"{_one_line(e)}"
-        ) from e
-    return catalog
+    for attempt in range(4):
+        try:
+            catalog = load_catalog(name, **cfg)
+            catalog.create_namespace_if_not_exists(NAMESPACE)
+            return catalog
+        except Exception as e:  # noqa: BLE001 - any driver/IO error: one clear line
+            if attempt < 3 and _lost_a_race(e):  # another process is creating it right now
+                time.sleep(0.05 * 2**attempt)
+                continue
+            raise TablesError(
+                f"cannot open the Iceberg catalog at {redact_uri(cfg['uri'])} "
+                f"(warehouse {cfg['warehouse']}; set {CATALOG_URI_ENV} / {WAREHOUSE_ENV}): "
+                f"{_one_line(e)}"
+            ) from e
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _lost_a_race(e: BaseException) -> bool:
+    """Whether ``e`` says another process created the same catalog table, namespace row or
+    table a moment earlier (two runs started at once on a fresh catalog), or held SQLite's
+    write lock: worth trying again."""
+    text = str(e).lower()
+    return any(
+        s in text
+        for s in ("already exists", "unique constraint", "duplicate key", "database is locked")
+    )
 
 
 def qualified(table: str) -> str:
@@ -394,7 +424,8 @@ def ensure_tables(catalog: Catalog, path_columns: Sequence[str] = ()) -> None:
     """Create ``image_scores``, ``scoring_errors`` and ``runs`` if missing (identifier fields
     set; image_scores partitioned by ``model_version``; each with a first, empty snapshot)
     and add to ``image_scores`` any of ``path_columns`` it lacks, as optional string columns
-    placed after the existing path columns (schema evolution: older rows read them as null).
+    placed after the existing path columns (schema evolution: older rows read them as null);
+    likewise add to ``scoring_errors`` and ``runs`` the columns a newer flowscore defined.
     Idempotent. Any failure (a missing bucket, a catalog error) raises :class:`TablesError`
     naming the warehouse."""
     image_scores_arrow_schema(path_columns)  # validates the names first
@@ -421,6 +452,11 @@ def _ensure_tables(catalog: Catalog, path_columns: Sequence[str]) -> None:
             tbl = catalog.load_table(qualified(name))  # a concurrent process created it
         if tbl.current_snapshot() is None:  # created by an older flowscore
             _ensure_snapshot(catalog, name)
+        if name != IMAGE_SCORES:
+            base = _base_schema(name)
+            known = {f.name for f in tbl.schema().fields}
+            if any(f.name not in known for f in base):  # created by an older flowscore
+                _add_missing_columns(catalog, name, base)
     if path_columns:
         _add_path_columns(catalog, list(dict.fromkeys(path_columns)))
 
@@ -429,7 +465,7 @@ def _create_table(catalog: Catalog, name: str, arrow_schema: pa.Schema) -> bool:
     """Create ``flowscore.<name>`` with its first, empty snapshot in one commit (Ray 2.60's
     UPSERT into a table without a snapshot fails: "Cannot scan unknown ref=main"). False if
     the table exists already."""
-    from pyiceberg.exceptions import TableAlreadyExistsError
+    from pyiceberg.exceptions import CommitFailedException, TableAlreadyExistsError
     from pyiceberg.io.pyarrow import schema_to_pyarrow
     from pyiceberg.partitioning import PartitionField, PartitionSpec
     from pyiceberg.transforms import IdentityTransform
@@ -458,6 +494,10 @@ def _create_table(catalog: Catalog, name: str, arrow_schema: pa.Schema) -> bool:
         txn.commit_transaction()
     except TableAlreadyExistsError:
         return False
+    except CommitFailedException:
+        if load_table(catalog, name) is not None:  # a concurrent process created it first
+            return False
+        raise
     return True
 
 
@@ -470,6 +510,23 @@ def _ensure_snapshot(catalog: Catalog, name: str) -> None:
             tbl.append(_with_field_ids(tbl).empty_table())
 
     _retry_commit(commit)
+
+
+def _add_missing_columns(catalog: Catalog, name: str, arrow_schema: pa.Schema) -> None:
+    """Add to ``flowscore.<name>`` the optional columns of ``arrow_schema`` it lacks, at the
+    end (schema evolution: older rows read them as null)."""
+
+    def evolve() -> None:
+        table = catalog.load_table(qualified(name))
+        known = {f.name for f in table.schema().fields}
+        new = [f for f in arrow_schema if f.name not in known]
+        if not new:
+            return
+        with table.update_schema() as upd:
+            for f in new:
+                upd.add_column((f.name,), _iceberg_type(f.type, lambda: 0))
+
+    _retry_commit(evolve)
 
 
 def _add_path_columns(catalog: Catalog, path_columns: list[str]) -> None:
@@ -570,8 +627,11 @@ def record_run_start(
     archive: str,
     started_at: datetime,
     images_listed: int | None = None,
+    mlflow_run_id: str | None = None,
+    warnings: str | None = None,
 ) -> None:
-    """Write the ``runs`` row of a run that starts now (status ``running``)."""
+    """Write the ``runs`` row of a run that starts now (status ``running``), with the id of
+    the MLflow run tracking it (None if MLflow is unavailable) and any warnings so far."""
     row = {
         "run_id": run_id,
         "job": job,
@@ -581,6 +641,8 @@ def record_run_start(
         "started_at": started_at,
         "status": "running",
         "images_listed": images_listed,
+        "mlflow_run_id": mlflow_run_id,
+        "warnings": warnings,
     }
     upsert(catalog, RUNS, pa.Table.from_pylist([row]), ["run_id"])
 
@@ -596,9 +658,13 @@ def record_run_end(
     images_failed: int,
     images_per_s: float,
     images_listed: int | None = None,
+    mlflow_run_id: str | None = None,
+    warnings: str | None = None,
 ) -> None:
     """Complete the ``runs`` row of ``run_id`` with its end, status (``succeeded`` or
-    ``failed``), counts and images/s, keeping what :func:`record_run_start` wrote."""
+    ``failed``), counts and images/s, keeping what :func:`record_run_start` wrote.
+    ``mlflow_run_id`` and ``warnings``, when given, replace what the row held (pass all the
+    run's warnings, not only the new ones)."""
     if status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}, not {status!r}")
     row = _run_row(catalog, run_id) or {"run_id": run_id}
@@ -612,6 +678,10 @@ def record_run_end(
     )
     if images_listed is not None:
         row["images_listed"] = images_listed
+    if mlflow_run_id is not None:
+        row["mlflow_run_id"] = mlflow_run_id
+    if warnings is not None:
+        row["warnings"] = warnings
     upsert(catalog, RUNS, pa.Table.from_pylist([row]), ["run_id"])
 
 

@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_ALIAS",
     "HTTP_MAX_RETRIES",
     "HTTP_TIMEOUT_S",
+    "http_request_budget_s",
     "MAX_METRICS_PER_BATCH",
     "MAX_PARAM_VALUE_LENGTH",
     "MAX_PARAMS_PER_BATCH",
@@ -74,6 +75,7 @@ __all__ = [
     "check_reachable",
     "client",
     "ensure_experiment",
+    "failure_reason",
     "log_metrics",
     "log_params",
     "register_bundle",
@@ -97,9 +99,17 @@ MAX_METRICS_PER_BATCH = 1000
 
 #: Defaults that :func:`client` puts into ``os.environ`` when they are unset. MLflow's own
 #: defaults (7 retries with exponential backoff, 120 s timeout) make a dead server hang a run
-#: for minutes; with these a refused connection fails after about 5 s.
+#: for minutes; with these a refused connection fails after about 5 s, and a server that
+#: accepts connections but never answers (hung, or paused) after at most
+#: :func:`http_request_budget_s` = 3 × 10 s + 5 s.
 HTTP_MAX_RETRIES = 2
 HTTP_TIMEOUT_S = 10
+#: MLflow's defaults for the backoff between retries (``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
+#: ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER``; :func:`client` leaves them alone) and urllib3's
+#: cap on one backoff sleep.
+_MLFLOW_BACKOFF_FACTOR = 2.0
+_MLFLOW_BACKOFF_JITTER = 1.0
+_URLLIB3_BACKOFF_MAX_S = 120.0
 
 _SERVER_SCHEMES = ("http", "https")
 _ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
@@ -186,6 +196,71 @@ def client(uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
+def _env_number(var: str, default: float) -> float:
+    try:
+        return float(os.environ.get(var, "").strip() or default)
+    except ValueError:
+        return float(default)
+
+
+def http_request_budget_s() -> float:
+    """The longest one MLflow HTTP request can take to fail, in seconds, under the current
+    settings (those :func:`client` applies when unset): every attempt waits the full
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (a server that accepts connections but never answers,
+    or a host that never accepts), ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` + 1 attempts, and
+    urllib3's backoff before each retry but the first (``factor · 2^(k-1)`` plus up to
+    ``jitter`` seconds before the k-th, each capped at 120 s).
+
+    A command that fails on an unreachable server makes one request before it gives up, so
+    this bounds how long it hangs (plus its start-up)."""
+    retries = max(0, int(_env_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)))
+    timeout = _env_number("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    factor = _env_number("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", _MLFLOW_BACKOFF_FACTOR)
+    jitter = _env_number("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", _MLFLOW_BACKOFF_JITTER)
+    backoff = sum(
+        min(_URLLIB3_BACKOFF_MAX_S, factor * 2 ** (k - 1) + jitter) for k in range(2, retries + 1)
+    )
+    return (retries + 1) * timeout + backoff
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _server_failure(exc: BaseException) -> str | None:
+    """A short reason why requests to a server failed (refused, no answer in time), with the
+    number of attempts; None when the cause chain says neither."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+
+    attempts = max(0, int(_env_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES))) + 1
+    timeout = _env_number("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    causes = list(_chain(exc))
+    if any(isinstance(c, ConnectionRefusedError) for c in causes):
+        return f"connection refused ({attempts} attempt(s))"
+    if any(isinstance(c, ReadTimeoutError) for c in causes):
+        return f"connected but no answer within {timeout:g} s ({attempts} attempt(s))"
+    # urllib3 2 makes NewConnectionError (DNS, no route, ...) a ConnectTimeoutError
+    if any(
+        isinstance(c, ConnectTimeoutError) and not isinstance(c, NewConnectionError) for c in causes
+    ):
+        return f"could not connect within {timeout:g} s ({attempts} attempt(s))"
+    return None
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One short line saying why talking to the tracking store failed (``connection refused
+    (3 attempt(s))``, ``connected but no answer within 10 s …``, else the first line of the
+    underlying error), credentials scrubbed; for warnings that already name the store."""
+    if isinstance(exc, TrackingError) and exc.__cause__ is not None:
+        return _server_failure(exc) or _first_line(exc.__cause__)
+    return _server_failure(exc) or _first_line(exc)
+
+
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -198,16 +273,8 @@ def _is_unreachable(exc: BaseException) -> bool:
     import requests
     from sqlalchemy.exc import OperationalError  # a dependency of mlflow
 
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(
-            cur, requests.RequestException | ConnectionError | TimeoutError | OperationalError
-        ):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
+    unreachable = requests.RequestException | ConnectionError | TimeoutError | OperationalError
+    return any(isinstance(cur, unreachable) for cur in _chain(exc))
 
 
 def _unreachable_message(uri: str, doing: str, exc: BaseException) -> str:
@@ -220,10 +287,8 @@ def _unreachable_message(uri: str, doing: str, exc: BaseException) -> str:
     else:
         fix = "check that the path exists and is writable, or set MLFLOW_TRACKING_URI"
     what = f" while {doing}" if doing else ""
-    return (
-        f"MLflow tracking {_store_kind(uri)} at {safe_uri} is not reachable{what}: "
-        f"{_first_line(exc)}; {fix}"
-    )
+    why = (_server_failure(exc) if _is_server(uri) else None) or _first_line(exc)
+    return f"MLflow tracking {_store_kind(uri)} at {safe_uri} is not reachable{what}: {why}; {fix}"
 
 
 @contextmanager

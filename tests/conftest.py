@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -188,15 +189,42 @@ def _wait_http(
         time.sleep(0.25)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied local artifacts).
+class MlflowServer:
+    """A real ``mlflow server`` process (see :func:`start_mlflow_server`) that a test may
+    pause, resume or kill: ``uri`` is ``http://127.0.0.1:PORT``."""
 
-    Yields its URI ``http://127.0.0.1:PORT``. Started once per session (about 10 s), with one
-    worker and MLflow's job runner disabled to save memory; stopped with SIGTERM (then
-    SIGKILL after 10 s) at the end of the session. Mark tests that use it ``mlflow_server``.
-    """
-    root = tmp_path_factory.mktemp("mlflow-server")
+    def __init__(self, proc: subprocess.Popen, uri: str, log: Path) -> None:
+        self.proc, self.uri, self.log = proc, uri, log
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the CLI and its uvicorn worker(s)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts TCP connections, nothing ever answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL the whole server at once (the port closes)."""
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.resume()
+        _stop(self.proc)
+
+
+def start_mlflow_server(root: Path) -> MlflowServer:
+    """Start a real ``mlflow server`` on a free port of 127.0.0.1 with its SQLite store and
+    artifacts under ``root``, in its own process group, and wait until it answers (about
+    10 s). One worker and MLflow's job runner disabled to save memory. Stop it with
+    :meth:`MlflowServer.stop`."""
+    root.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     cmd = (_venv_tool("mlflow") or [sys.executable, "-m", "mlflow"]) + [
         "server",
@@ -216,15 +244,49 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner processes
     log = root / "server.log"
     proc = _start(cmd, log, env)
+    uri = f"http://127.0.0.1:{port}"
     try:
-        uri = f"http://127.0.0.1:{port}"
         _wait_http(f"{uri}/health", proc, log, "mlflow server", timeout_s=60, ok_any=False)
-        yield uri
-    finally:
+    except BaseException:
         _stop(proc)
+        raise
+    return MlflowServer(proc, uri, log)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, proxied local artifacts).
+
+    Yields its URI ``http://127.0.0.1:PORT``. Started once per session (about 10 s), with one
+    worker and MLflow's job runner disabled to save memory; stopped with SIGTERM (then
+    SIGKILL after 10 s) at the end of the session. Mark tests that use it ``mlflow_server``.
+    """
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` for one test, which it may pause (SIGSTOP), resume or kill;
+    resumed and stopped when the test ends, whatever it did. Mark the test ``mlflow_server``."""
+    server = start_mlflow_server(tmp_path / "mlflow-server")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def _start_moto(log: Path) -> tuple[subprocess.Popen, int]:
+    """A ``moto_server`` on a free port of 127.0.0.1, logging to ``log``."""
+    port = _free_port()
+    cmd = _venv_tool("moto_server") or [sys.executable, "-m", "moto.server"]
+    return _start([*cmd, "-H", "127.0.0.1", "-p", str(port)], log), port
 
 
 @pytest.fixture(scope="session")
@@ -236,15 +298,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     endpoint URL. Create buckets with :func:`make_bucket`. Mark tests that use it ``s3``.
     """
     root = tmp_path_factory.mktemp("moto")
-    port = _free_port()
-    cmd = (_venv_tool("moto_server") or [sys.executable, "-m", "moto.server"]) + [
-        "-H",
-        "127.0.0.1",
-        "-p",
-        str(port),
-    ]
     log = root / "moto.log"
-    proc = _start(cmd, log)
+    proc, port = _start_moto(log)
     saved = {k: os.environ.get(k) for k in _AWS_ENV}
     try:
         endpoint = f"http://127.0.0.1:{port}"
@@ -282,6 +337,56 @@ def make_bucket(name: str) -> None:
         pass
 
 
+class MotoServer:
+    """A ``moto_server`` process of one test (see :func:`own_s3_server`) that the test may
+    pause and resume: ``endpoint`` is ``http://127.0.0.1:PORT``."""
+
+    def __init__(self, proc: subprocess.Popen, endpoint: str, log: Path) -> None:
+        self.proc, self.endpoint, self.log = proc, endpoint, log
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts TCP connections (the kernel queues them), but
+        nothing answers: every request waits for its timeout. State is kept."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def env(self) -> dict[str, str]:
+        """Endpoint, fake credentials and region for a process that talks to this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        self.resume()
+        _stop(self.proc)
+
+
+@pytest.fixture
+def own_s3_server(tmp_path: Path) -> Iterator[MotoServer]:
+    """A ``moto_server`` for one test, which it may pause (SIGSTOP) and resume; resumed and
+    stopped when the test ends, whatever it did. Unlike :func:`s3_server` it sets nothing in
+    ``os.environ``: use :meth:`MotoServer.env`. Mark the test ``s3``."""
+    log = tmp_path / "moto.log"
+    proc, port = _start_moto(log)
+    server = MotoServer(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_http(server.endpoint, proc, log, "moto_server", timeout_s=30, ok_any=True)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def flowscore_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh ``FLOWSCORE_HOME`` for one test, with ``MLFLOW_TRACKING_URI`` unset."""
@@ -304,3 +409,45 @@ def ray_session(s3_server: str) -> Iterator[None]:
     ensure_ray()
     yield
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs and tables: helpers shared by the nightly-job and fault tests
+# ---------------------------------------------------------------------------------------
+
+
+def write_job(
+    where: Path,
+    archive: Path | str,
+    model: str,
+    extra: str = "",
+    name: str = "t",
+    commit_every: int = 5,
+) -> Path:
+    """A job spec ``<where>/<name>.toml``; ``extra`` is appended to its ``[score]`` table."""
+    p = where / f"{name}.toml"
+    p.write_text(
+        f'[job]\nname = "{name}"\narchive = "{archive}"\nmodel = "{model}"\n'
+        f"[score]\ncommit_every = {commit_every}\n{extra}"
+    )
+    return p
+
+
+def read_table(name: str) -> pa.Table:
+    """All rows of ``flowscore.<name>`` in the catalog of the current ``FLOWSCORE_HOME``."""
+    from pipelines import tables
+
+    return tables.load_catalog_().load_table(f"flowscore.{name}").scan().to_arrow()
+
+
+def check_exactly_once(archive: Path) -> None:
+    """Every file of ``archive`` is in exactly one of ``image_scores`` and
+    ``scoring_errors``, once (one model version in the tables)."""
+    from pipelines.archive import list_archive
+
+    listed = {(e.image_uri, e.etag) for e in list_archive(str(archive))}
+    scores, errors = read_table("image_scores"), read_table("scoring_errors")
+    s = list(zip(scores["image_uri"].to_pylist(), scores["etag"].to_pylist(), strict=True))
+    e = list(zip(errors["image_uri"].to_pylist(), errors["etag"].to_pylist(), strict=True))
+    assert len(s) == len(set(s)) and len(e) == len(set(e))
+    assert set(s) | set(e) == listed and not set(s) & set(e)

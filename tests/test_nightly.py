@@ -10,39 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
+from conftest import check_exactly_once, read_table, write_job
 
 from flowcore.bundle import save_bundle
 from jobs.cli import main
 from pipelines import tables
-from pipelines.archive import list_archive
 from pipelines.lock import JobLock
 from pipelines.synth import write_archive
 
 pytestmark = [pytest.mark.timeout(600)]
-
-
-def _job(tmp_path: Path, archive: Path | str, model: str, extra: str = "", name: str = "t") -> Path:
-    p = tmp_path / f"{name}.toml"
-    p.write_text(
-        f'[job]\nname = "{name}"\narchive = "{archive}"\nmodel = "{model}"\n'
-        f"[score]\ncommit_every = 5\n{extra}"
-    )
-    return p
-
-
-def _read(name: str) -> pa.Table:
-    return tables.load_catalog_().load_table(f"flowscore.{name}").scan().to_arrow()
-
-
-def _check_exactly_once(archive: Path) -> None:
-    listed = {(e.image_uri, e.etag) for e in list_archive(str(archive))}
-    scores, errors = _read("image_scores"), _read("scoring_errors")
-    s = list(zip(scores["image_uri"].to_pylist(), scores["etag"].to_pylist(), strict=True))
-    e = list(zip(errors["image_uri"].to_pylist(), errors["etag"].to_pylist(), strict=True))
-    assert len(s) == len(set(s)) and len(e) == len(set(e))
-    assert set(s) | set(e) == listed and not set(s) & set(e)
 
 
 @pytest.fixture
@@ -64,13 +41,13 @@ def test_second_run_scores_nothing_and_a_replaced_file_is_rescored(
     archive = tmp_path / "archive"
     write_archive(archive, kind="factory", images=9, seed=1, height=64, width=96)
     (archive / "year=2017" / "broken.jpg").write_bytes(b"not an image")
-    job = _job(tmp_path, archive, str(model), "max_error_rate = 0.5\n")
+    job = write_job(tmp_path, archive, str(model), "max_error_rate = 0.5\n")
     assert main(["run", str(job), "--dry-run"]) == 0
     assert "would score 10 of 10" in capsys.readouterr().out
     assert tables.load_table(tables.load_catalog_(), "runs") is None  # dry run wrote nothing
     assert main(["run", str(job)]) == 0
-    _check_exactly_once(archive)
-    assert len(_read("image_scores")) == 9 and len(_read("scoring_errors")) == 1
+    check_exactly_once(archive)
+    assert len(read_table("image_scores")) == 9 and len(read_table("scoring_errors")) == 1
     capsys.readouterr()
     assert main(["run", str(job)]) == 0
     assert "nothing new to score" in capsys.readouterr().out
@@ -81,7 +58,7 @@ def test_second_run_scores_nothing_and_a_replaced_file_is_rescored(
     victim.write_bytes(data)
     os.utime(victim, None)
     assert main(["run", str(job)]) == 0
-    runs = sorted(_read("runs").to_pylist(), key=lambda r: r["started_at"])
+    runs = sorted(read_table("runs").to_pylist(), key=lambda r: r["started_at"])
     assert runs[-1]["images_scored"] == 1 and runs[-1]["images_skipped"] == 9
     assert runs[-1]["status"] == "succeeded"
 
@@ -92,44 +69,30 @@ def test_error_rate_above_the_limit_exits_3(ray_session, home, tmp_path, model):
     write_archive(archive, kind="harvest", images=3, seed=2, height=64, width=96)
     for i in range(2):
         (archive / f"bad{i}.png").write_bytes(b"")
-    assert main(["run", str(_job(tmp_path, archive, str(model), "max_error_rate = 0.1\n"))]) == 3
+    job = write_job(tmp_path, archive, str(model), "max_error_rate = 0.1\n")
+    assert main(["run", str(job)]) == 3
 
 
 def test_spec_and_environment_are_checked_before_anything_runs(home, tmp_path, model, capsys):
     archive = tmp_path / "archive"
     archive.mkdir()
-    bad_key = _job(tmp_path, archive, str(model), "actorz = 2\n", name="k")
+    bad_key = write_job(tmp_path, archive, str(model), "actorz = 2\n", name="k")
     assert main(["run", str(bad_key)]) == 2
     err = capsys.readouterr().err
     assert str(bad_key) in err and "score.actorz" in err
-    missing = _job(tmp_path, tmp_path / "nowhere", str(model), name="m")
+    missing = write_job(tmp_path, tmp_path / "nowhere", str(model), name="m")
     assert main(["run", str(missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    no_alias = _job(tmp_path, archive, "models:/ghost@champion", name="a")
+    no_alias = write_job(tmp_path, archive, "models:/ghost@champion", name="a")
     assert main(["run", str(no_alias)]) == 2
     assert "ghost" in capsys.readouterr().err
     assert not (home / "catalog.db").exists()  # nothing touched
 
 
-def test_unreachable_mlflow_is_a_usage_error(home, tmp_path, model, capsys, monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    t0 = time.time()
-    assert main(["run", str(_job(tmp_path, archive, "models:/x@champion"))]) == 2
-    assert f"127.0.0.1:{port}" in capsys.readouterr().err
-    assert time.time() - t0 < 60
-
-
 def test_a_live_lock_stops_a_second_run_and_a_dead_one_is_taken_over(home, tmp_path, model, capsys):
     archive = tmp_path / "archive"
     write_archive(archive, kind="harvest", images=2, seed=3, height=64, width=96)
-    job = _job(tmp_path, archive, str(model), name="locked")
+    job = write_job(tmp_path, archive, str(model), name="locked")
     tables.load_catalog_()
     uri = tables.catalog_config()["uri"]
     holder = JobLock(uri, "locked", lease_s=60)
@@ -153,7 +116,7 @@ def test_a_live_lock_stops_a_second_run_and_a_dead_one_is_taken_over(home, tmp_p
 def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_session, home, tmp_path, model):
     archive = tmp_path / "archive"
     write_archive(archive, kind="harvest", images=30, seed=4, height=64, width=96)
-    job = _job(tmp_path, archive, str(model))
+    job = write_job(tmp_path, archive, str(model))
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", FLOWSCORE_LOCK_LEASE_S="6")
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen(
@@ -171,22 +134,22 @@ def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_session, home, tmp_
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the job and every process it started
         proc.wait()
-    partial = len(_read("image_scores"))
+    partial = len(read_table("image_scores"))
     assert 0 < partial < 30
     # the killed run's lock lease (6 s here) has not expired yet: a rerun waits it out
     t0 = time.time()
     while main(["run", str(job), "--quiet"]) == 2:
         assert time.time() - t0 < 60, "the dead run's lock was never taken over"
         time.sleep(2)
-    _check_exactly_once(archive)
-    assert len(_read("image_scores")) == 30
+    check_exactly_once(archive)
+    assert len(read_table("image_scores")) == 30
 
 
 def test_unreachable_catalog_is_a_usage_error(home, tmp_path, model, capsys, monkeypatch):
     monkeypatch.setenv("FLOWSCORE_CATALOG_URI", "sqlite:////nonexistent-dir/x/catalog.db")
     archive = tmp_path / "archive"
     archive.mkdir()
-    assert main(["run", str(_job(tmp_path, archive, str(model)))]) == 2
+    assert main(["run", str(write_job(tmp_path, archive, str(model)))]) == 2
     assert "nonexistent-dir" in capsys.readouterr().err
 
 
@@ -203,9 +166,9 @@ def test_nightly_job_with_an_s3_warehouse(
     monkeypatch.setenv("FLOWSCORE_WAREHOUSE", "s3://wh-nightly/warehouse")
     archive = tmp_path / "archive"
     write_archive(archive, kind="factory", images=6, seed=6, height=64, width=96)
-    job = _job(tmp_path, archive, str(model), name="s3wh")
+    job = write_job(tmp_path, archive, str(model), name="s3wh")
     assert main(["run", str(job), "--quiet"]) == 0
-    _check_exactly_once(archive)
+    check_exactly_once(archive)
     files = tables.snapshot_files(tables.load_catalog_().load_table("flowscore.image_scores"))
     assert files and all(f.startswith("s3://wh-nightly/warehouse/") for f in files)
     assert main(["run", str(job), "--quiet"]) == 0

@@ -47,6 +47,8 @@ RUNS_COLS = [
     *((c, pa.int64()) for c in ("images_listed", "images_scored", "images_skipped")),
     ("images_failed", pa.int64()),
     ("images_per_s", pa.float64()),
+    ("mlflow_run_id", pa.string()),  # beyond DESIGN: null when MLflow was unavailable
+    ("warnings", pa.string()),
 ]
 KEY = ["image_uri", "etag", "model_version"]
 CAPTURED = dt.datetime(2017, 5, 1, 12, 30, 15, 250000)
@@ -283,6 +285,8 @@ def test_runs_rows_and_error_keys(home):
         "images_skipped": 2,
         "images_failed": 1,
         "images_per_s": 2.0,
+        "mlflow_run_id": None,
+        "warnings": None,
     }
     errors = pa.Table.from_pylist(
         [
@@ -303,6 +307,48 @@ def test_runs_rows_and_error_keys(home):
     assert T.error_keys(cat) == {("u1", "e")}
     assert T.error_keys(cat, run_id="other") == set()
     assert query_json("select count(*) n from scoring_errors") == [{"n": 1}]
+
+
+def test_runs_table_of_an_older_flowscore_gets_the_new_columns(home):
+    """A ``runs`` table without ``mlflow_run_id``/``warnings`` (as an older flowscore made
+    it) gets them by schema evolution; its old rows read them as null."""
+    cat = T.load_catalog_()
+    old_schema = pa.schema(
+        [f for f in T.RUNS_SCHEMA if f.name not in ("mlflow_run_id", "warnings")]
+    )
+    T._create_table(cat, T.RUNS, old_schema)
+    old = {"run_id": "old", "job": "j", "status": "succeeded", "images_scored": 3}
+    cat.load_table("flowscore.runs").append(pa.Table.from_pylist([old], schema=old_schema))
+    T.ensure_tables(cat, [])
+    assert cols(T.arrow_schema_of(cat.load_table("flowscore.runs"))) == RUNS_COLS
+    T.ensure_tables(cat, [])  # idempotent: no second evolution
+    T.record_run_start(
+        cat,
+        run_id="new",
+        job="j",
+        model_name="m",
+        model_version="1",
+        archive="a",
+        started_at=dt.datetime(2026, 3, 1),
+        mlflow_run_id="abc",
+        warnings="w1",
+    )
+    T.record_run_end(
+        cat,
+        run_id="new",
+        finished_at=dt.datetime(2026, 3, 1, 0, 1),
+        status="succeeded",
+        images_scored=1,
+        images_skipped=0,
+        images_failed=0,
+        images_per_s=1.0,
+        warnings="w1; w2",
+    )
+    rows = query_json("select run_id, mlflow_run_id, warnings from runs order by run_id")
+    assert rows == [
+        {"run_id": "new", "mlflow_run_id": "abc", "warnings": "w1; w2"},
+        {"run_id": "old", "mlflow_run_id": None, "warnings": None},
+    ]
 
 
 # ---------------------------------------------------------------- query

@@ -330,3 +330,19 @@ def test_unreachable_server_fails_fast_with_uri(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
     with pytest.raises(TrackingError, match=f"{uri} is not reachable while resolving"):
         tr.resolve_model("models:/grain@champion", c=c)
+
+
+def test_http_request_budget_follows_the_settings(monkeypatch):
+    for var in ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    # flowscore defaults: 3 attempts of 10 s; no sleep before retry 1, 2·2 + 1 before retry 2
+    assert tr.http_request_budget_s() == 3 * tr.HTTP_TIMEOUT_S + 5
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "4")
+    assert tr.http_request_budget_s() == 4
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    assert tr.http_request_budget_s() == 4 * 4 + 2 + 4
