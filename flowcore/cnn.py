@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from torchvision.models import alexnet, resnet18, wide_resnet50_2
 
 from .windows import Geometry, resize, scaled_size, to_tensor
 
@@ -130,11 +129,17 @@ _LAYERS: dict[str, dict[str, _Layer]] = {
     "wide_resnet50_2": _resnet((256, 512, 1024, 2048)),
     "alexnet": _alexnet(),
 }
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18,
-    "wide_resnet50_2": wide_resnet50_2,
-    "alexnet": alexnet,
-}
+
+
+def _builder(backbone: str) -> Callable[..., nn.Module]:
+    """torchvision's constructor, imported on first use: torchvision adds about 1.4 s to
+    every process's start (each scorer actor's included) and window models never need it."""
+    import torchvision.models
+
+    builder: Callable[..., nn.Module] = getattr(torchvision.models, backbone)
+    return builder
+
+
 BACKBONES: tuple[str, ...] = tuple(_LAYERS)
 """The backbones a :class:`CNNConfig` may name."""
 
@@ -259,7 +264,7 @@ def build_backbone(cfg: CNNConfig, seed: int = 0, *, init: bool = True) -> Trunc
     left as it was), so every process builds identical weights. Without ``init`` the tensors
     are allocated but not initialised (fast; for loading a complete state right after).
     Parameters are frozen (``requires_grad=False``) and the module is in eval mode."""
-    builder = _BUILDERS[cfg.backbone]
+    builder = _builder(cfg.backbone)
     if init:
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
@@ -275,7 +280,7 @@ def build_backbone(cfg: CNNConfig, seed: int = 0, *, init: bool = True) -> Trunc
 def _backbone_template(cfg: CNNConfig) -> dict[str, Tensor]:
     """Names, shapes and dtypes (meta tensors) of the truncated backbone's state."""
     with torch.device("meta"):
-        return dict(TruncatedBackbone(_BUILDERS[cfg.backbone](weights=None), cfg).state_dict())
+        return dict(TruncatedBackbone(_builder(cfg.backbone)(weights=None), cfg).state_dict())
 
 
 def _check_state(

@@ -5,8 +5,15 @@ matmul rate measured in this process (``gemm_gflops``); the roofline
 ``gemm_gflops / gflop_per_image``; the in-process scorer's images/s on decoded images; the
 naive reference (the research code's way: a Python loop over heatmap rows, each window of a row
 cropped one by one, projected, one model call per row), timed on a subset of rows and scaled;
-peak RSS. The pipeline figure (files -> table rows through Ray) needs the Ray scoring job and
-is reported as null until that exists.
+peak RSS; and the pipeline: the same scorer saved as a bundle and run by the real scoring job
+(``jobs.score.run_score``: Ray Data decode tasks, scorer actors, Iceberg commits) on a
+generated archive of PNG files, in a throw-away catalog and MLflow store. Its figure is
+images over the time from the first chunk to the last commit (Ray already up); the whole
+command's rate (model check, listing, tables, MLflow run) is reported beside it.
+
+``--memory`` runs ``flowscore score`` as a child process on an archive and on one 4× larger
+and reports the peak RSS of each (the job's own process, and the sum over every process of
+its session, Ray's included) and the growth.
 
 Speed does not depend on the weights' values, so without ``--model`` the bench builds the
 preset's scorer with a random orthonormal basis and an untrained flow (same shapes, same
@@ -15,11 +22,16 @@ arithmetic as a fitted one).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +43,17 @@ from flowcore.flows import build_flow
 from flowcore.scorer import Scorer
 from flowcore.windows import WindowFeaturizer, grid_shape, resize, to_tensor
 
-__all__ = ["random_scorer", "gemm_gflops", "naive_row_loop", "run_bench", "format_table"]
+__all__ = [
+    "random_scorer",
+    "gemm_gflops",
+    "naive_row_loop",
+    "pipeline_bench",
+    "memory_bench",
+    "run_bench",
+    "format_table",
+]
+
+Log = Callable[[str], None]
 
 
 def random_scorer(preset: str, seed: int = 0) -> Scorer:
@@ -103,17 +125,205 @@ def _images(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return np.stack([distinct[k % len(distinct)] for k in range(n)])
 
 
+@contextlib.contextmanager
+def _scratch_stores(root: Path) -> Iterator[None]:
+    """Point the catalog, warehouse and MLflow store at ``root`` for the duration, so a bench
+    never writes into the user's tables or registry."""
+    keys = ("FLOWSCORE_HOME", "FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE", "MLFLOW_TRACKING_URI")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["FLOWSCORE_HOME"] = str(root / "home")
+    for k in keys[1:]:
+        os.environ.pop(k, None)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _synth_archive(out: Path, images: int, height: int, width: int, log: Log) -> None:
+    """``images`` PNG files under year=/camera= folders: up to 16 generated images, copied
+    to the rest (every file is still read and decoded; only generating them is saved)."""
+    import shutil
+
+    from pipelines.synth import write_archive
+
+    t0 = time.perf_counter()
+    distinct = min(images, 16)
+    write_archive(out, kind="harvest", images=distinct, seed=0, height=height, width=width)
+    files = sorted(out.glob("year=*/camera=*/*.*"))
+    for k in range(distinct, images):
+        src = files[k % len(files)]
+        shutil.copyfile(src, src.with_name(f"{src.stem}-copy{k:06d}{src.suffix}"))
+    log(
+        f"bench: wrote {images} image files {height}×{width} ({distinct} distinct) "
+        f"in {time.perf_counter() - t0:.0f} s"
+    )
+
+
+def pipeline_bench(
+    scorer: Scorer,
+    *,
+    images: int,
+    height: int,
+    width: int,
+    actors: int = 1,
+    threads: int | None = None,
+    use_gpu: bool = False,
+    commit_every: int = 5000,
+    batch: int = 16,
+    ray_address: str | None = None,
+    log: Log = lambda s: None,
+) -> dict[str, Any]:
+    """Files -> committed table rows through the real scoring job; see the module docstring."""
+    from flowcore.bundle import save_bundle
+    from jobs.score import ScoreRequest, run_score
+    from pipelines.raycluster import ensure_ray
+
+    with tempfile.TemporaryDirectory(prefix="flowscore-bench-") as tmp:
+        root = Path(tmp)
+        _synth_archive(root / "archive", images, height, width, log)
+        bundle = save_bundle(scorer.cpu(), root / "bundle")
+        with _scratch_stores(root):
+            ensure_ray(ray_address)
+            log(f"bench: scoring them through Ray ({actors} actor(s)) into a scratch catalog ...")
+            out = run_score(
+                ScoreRequest(
+                    archive=str(root / "archive"),
+                    model=str(bundle),
+                    actors=actors,
+                    use_gpu=use_gpu,
+                    commit_every=commit_every,
+                    threads=threads,
+                    batch_size=batch,
+                    job="bench",
+                ),
+                log=lambda s: log(f"  {s}"),
+            )
+    if out.failed:
+        raise RuntimeError(f"the bench archive had {out.failed} failed images")
+    return {
+        "pipeline_images": out.scored,
+        "pipeline_actors": actors,
+        "pipeline_commit_every": commit_every,
+        "pipeline_seconds": round(out.scoring_seconds, 2),
+        "pipeline_images_per_s": round(out.scored / out.scoring_seconds, 2),
+        "pipeline_command_images_per_s": round(out.scored / out.seconds, 2),
+    }
+
+
+def _session_rss_kb(sid: int) -> tuple[int, int, int]:
+    """(peak RSS so far of the session leader, its anonymous RSS now, summed PSS now of every
+    process in session ``sid``) in kB, from /proc (Linux). PSS, not RSS, for the sum: Ray's
+    processes share the object store's memory, and RSS would count each shared page once per
+    process. Anonymous memory is the part that data can grow (the peak RSS also counts
+    shared-library pages, which vary by up to ~130 MB from run to run at exit)."""
+    leader = anon = total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:  # field 6 of stat: the session id
+                continue
+            with open(f"/proc/{d}/smaps_rollup") as f:
+                pss = next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            if int(d) == sid:
+                with open(f"/proc/{d}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+                leader = int(status["VmHWM"].split()[0])
+                anon = int(status["RssAnon"].split()[0])
+        except (OSError, IndexError, ValueError, StopIteration, KeyError):
+            continue  # the process ended meanwhile
+        total += pss
+    return leader, anon, total
+
+
+def _score_rss(archive: Path, bundle: Path, home: Path, actors: int) -> dict[str, Any]:
+    """Run ``flowscore score`` as its own session and sample its processes' RSS."""
+    env = dict(os.environ, FLOWSCORE_HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    for k in ("FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "jobs.cli", "score", "--archive", str(archive)]
+    cmd += ["--model", str(bundle), "--actors", str(actors), "--quiet"]
+    t0 = time.perf_counter()
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "score.log", "w+b") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        peak_leader = peak_anon = peak_total = 0
+        while proc.poll() is None:
+            leader, anon, total = _session_rss_kb(proc.pid)
+            peak_leader, peak_total = max(peak_leader, leader), max(peak_total, total)
+            peak_anon = max(peak_anon, anon)
+            time.sleep(0.2)
+        if proc.returncode != 0:
+            log.seek(0)
+            text = log.read().decode(errors="replace")
+            raise RuntimeError(f"flowscore score exited {proc.returncode}:\n{text[-2000:]}")
+    return {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "job_peak_rss_mb": round(peak_leader / 1024, 1),
+        "job_peak_anon_mb": round(peak_anon / 1024, 1),
+        "session_peak_pss_mb": round(peak_total / 1024, 1),
+    }
+
+
+def memory_bench(
+    scorer: Scorer,
+    *,
+    images: int,
+    height: int,
+    width: int,
+    actors: int = 1,
+    log: Log = lambda s: None,
+) -> dict[str, Any]:
+    """Peak RSS of ``flowscore score`` on ``images`` and on ``4 × images`` (Linux: /proc)."""
+    from flowcore.bundle import save_bundle
+
+    if not Path("/proc/self/stat").exists():
+        raise RuntimeError("--memory reads /proc: Linux only")
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="flowscore-bench-") as tmp:
+        root = Path(tmp)
+        bundle = save_bundle(scorer.cpu(), root / "bundle")
+        for label, n in (("small", images), ("large", 4 * images)):
+            _synth_archive(root / label, n, height, width, log)
+            log(f"bench: flowscore score on {n} images, sampling its memory ...")
+            r = _score_rss(root / label, bundle, root / f"home-{label}", actors)
+            log(
+                f"bench: {n} images in {r['seconds']} s, job peak RSS {r['job_peak_rss_mb']} MB "
+                f"(anonymous {r['job_peak_anon_mb']} MB), "
+                f"all its processes (PSS) {r['session_peak_pss_mb']} MB"
+            )
+            out[label] = {"images": n, **r}
+    s, g = out["small"], out["large"]
+    out["job_rss_growth"] = round(g["job_peak_rss_mb"] / s["job_peak_rss_mb"] - 1, 3)
+    out["job_anon_growth"] = round(g["job_peak_anon_mb"] / s["job_peak_anon_mb"] - 1, 3)
+    out["session_pss_growth"] = round(g["session_peak_pss_mb"] / s["session_peak_pss_mb"] - 1, 3)
+    return out
+
+
 def run_bench(
     *,
     preset: str = "grain-full",
     model: Scorer | None = None,
     images: int = 32,
-    batch: int = 8,
+    batch: int = 16,
     height: int = 460,
     width: int = 640,
     threads: int | None = None,
     device: str = "cpu",
     naive_rows: int = 6,
+    pipeline_images: int = 600,
+    actors: int = 1,
+    ray_address: str | None = None,
+    memory_images: int = 0,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Measure and return the bench object of DESIGN.md."""
@@ -165,6 +375,7 @@ def run_bench(
         "scorer_images_per_s": round(images / t_scorer, 2),
         "scorer_fraction_of_roofline": round(images / t_scorer / (gemm / gflop), 3),
         "pipeline_images_per_s": None,
+        "pipeline_fraction_of_roofline": None,
         "naive_images_per_s": round(1.0 / naive_s_per_image, 3),
         "naive_rows_timed": min(naive_rows, gh),
         "naive_fraction_of_roofline": round(1.0 / naive_s_per_image / (gemm / gflop), 3),
@@ -172,6 +383,30 @@ def run_bench(
         "torch": str(torch.__version__),
         "machine": platform.machine(),
     }
+    if pipeline_images:
+        p = pipeline_bench(
+            scorer,
+            images=pipeline_images,
+            height=height,
+            width=width,
+            actors=actors,
+            threads=threads,
+            use_gpu=device != "cpu",
+            batch=batch,
+            ray_address=ray_address,
+            log=log,
+        )
+        out.update(p)
+        out["pipeline_fraction_of_roofline"] = round(
+            p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
+        )
+    if memory_images:
+        out["memory"] = memory_bench(
+            scorer, images=memory_images, height=height, width=width, actors=actors, log=log
+        )
+    # this process's high-water mark: the in-process scorer, plus the Ray driver if the
+    # pipeline ran (its actors and tasks are other processes)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
 
 
@@ -193,9 +428,12 @@ def format_table(r: dict[str, Any]) -> str:
         ),
         (
             "pipeline images/s",
-            "not measured (needs the Ray scoring job)"
+            "not measured (--pipeline-images 0)"
             if r["pipeline_images_per_s"] is None
-            else f"{r['pipeline_images_per_s']}",
+            else f"{r['pipeline_images_per_s']} "
+            f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
+            f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
+            f"actor(s); whole command {r['pipeline_command_images_per_s']})",
         ),
         (
             "naive images/s",
@@ -205,5 +443,24 @@ def format_table(r: dict[str, Any]) -> str:
         ),
         ("peak RSS MB", f"{r['peak_rss_mb']}"),
     ]
+    m = r.get("memory")
+    if m:
+        for label in ("small", "large"):
+            rows.append(
+                (
+                    f"score RSS, {m[label]['images']} images",
+                    f"job {m[label]['job_peak_rss_mb']} MB (anonymous "
+                    f"{m[label]['job_peak_anon_mb']} MB), all its processes (PSS) "
+                    f"{m[label]['session_peak_pss_mb']} MB ({m[label]['seconds']} s)",
+                )
+            )
+        rows.append(
+            (
+                "RSS growth at 4× images",
+                f"job {100 * m['job_rss_growth']:+.1f} % (anonymous "
+                f"{100 * m['job_anon_growth']:+.1f} %), "
+                f"all processes {100 * m['session_pss_growth']:+.1f} %",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -2,7 +2,9 @@
 them, so ``flowscore --help`` answers at once.
 
 Exit codes: 0 success; 2 bad usage or config (the message says what and where); 3 the job
-finished but its error rate passed ``max_error_rate``; 1 anything else.
+finished but its error rate passed ``max_error_rate``; 1 anything else. S3 that stays
+unavailable past its retries (``FLOWSCORE_S3_*``, see ``pipelines.storage``) is one line and
+exit code 1, not a traceback; a bad ``FLOWSCORE_S3_*`` value is exit code 2.
 """
 
 from __future__ import annotations
@@ -89,6 +91,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         device=device,
         naive_rows=args.naive_rows,
+        height=args.height,
+        width=args.width,
+        pipeline_images=args.pipeline_images,
+        actors=args.actors,
+        ray_address=args.ray_address,
+        memory_images=args.memory_images if args.memory else 0,
         log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)),
     )
     print(format_table(result))
@@ -251,14 +259,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = minimum - 1
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+_S3_HELP = (
+    "S3 (archive and s3:// warehouse): requests time out after "
+    "FLOWSCORE_S3_CONNECT_TIMEOUT_S (default 10) / FLOWSCORE_S3_READ_TIMEOUT_S (60) seconds "
+    "and are retried FLOWSCORE_S3_RETRIES (3) times; what still fails is retried with backoff "
+    "for FLOWSCORE_S3_RETRY_BUDGET_S (120) seconds. A longer outage ends the run with one "
+    "line and exit code 1; chunks committed before it stay, a rerun does the rest."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput beside the machine's fp32 matmul roofline",
         description="Measure on this machine: FLOPs per image (from the model's shapes), the "
         "fp32 matmul rate, the roofline (images/s if every FLOP ran at that rate), the "
-        "in-process scorer's images/s, and the naive reference (a Python loop over heatmap "
-        "rows cropping each window). Without --model, the preset's scorer is built with "
+        "in-process scorer's images/s, the pipeline's images/s (generated PNG files "
+        "scored by the real Ray job into a scratch catalog, from the first chunk to the last "
+        "commit), and the naive reference (a Python loop over heatmap rows cropping each "
+        "window). Without --model, the preset's scorer is built with "
         "random weights: speed does not depend on the weights' values.",
     )
     b.add_argument(
@@ -332,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--batch",
         type=_positive_int,
-        default=8,
+        default=16,
         help="images per scorer call (default: %(default)s)",
     )
     b.add_argument(
@@ -344,6 +373,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=6,
         help="heatmap rows timed for the naive reference, scaled to the image "
         "(default: %(default)s)",
+    )
+    b.add_argument(
+        "--height", type=_positive_int, default=460, help="image height (default: %(default)s)"
+    )
+    b.add_argument(
+        "--width", type=_positive_int, default=640, help="image width (default: %(default)s)"
+    )
+    b.add_argument(
+        "--pipeline-images",
+        type=_non_negative_int,
+        default=600,
+        help="image files generated and scored end to end through Ray into a scratch "
+        "catalog; 0 skips the pipeline figure (default: %(default)s)",
+    )
+    b.add_argument(
+        "--actors",
+        type=_positive_int,
+        default=1,
+        help="scorer actors for the pipeline (default: %(default)s)",
+    )
+    b.add_argument(
+        "--ray-address", help="join this Ray cluster for the pipeline (default: a local one)"
+    )
+    b.add_argument(
+        "--memory",
+        action="store_true",
+        help="also run `flowscore score` on --memory-images and on 4× as many, and report "
+        "the peak RSS of each and its growth (Linux)",
+    )
+    b.add_argument(
+        "--memory-images",
+        type=_positive_int,
+        default=100,
+        help="the smaller archive of --memory (default: %(default)s)",
     )
     b.add_argument("--use-gpu", action="store_true", help="measure on CUDA")
     b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
@@ -462,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "score them in a pool of actors that load the model once, and commit the rows to "
         "flowscore.image_scores and flowscore.scoring_errors every --commit-every images "
         "(UPSERT on the key: a rerun never doubles a row). The model URI is resolved once; "
-        "every row carries that version. A runs row and an MLflow run record the run.",
+        "every row carries that version. A runs row and an MLflow run record the run. " + _S3_HELP,
     )
     sc.add_argument("--archive", required=True, help="local path or s3://bucket/prefix")
     sc.add_argument(
@@ -487,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads per actor (default: the cluster's CPUs / actors)",
     )
     sc.add_argument(
-        "--batch-size", type=_positive_int, default=8, help="images per scorer call (default: 8)"
+        "--batch-size",
+        type=_positive_int,
+        default=16,
+        help="images per scorer call and per Ray block (default: %(default)s)",
     )
     sc.add_argument(
         "--only",
@@ -523,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resolved once; images already in the tables for that version (same image_uri and "
         "etag) are skipped, so a rerun after a crash finishes the work and a run over an "
         "unchanged archive scores nothing. A second run of the same job while one runs exits "
-        "at once naming the holder. Exit code 3 when the error rate passes max_error_rate.",
+        "at once naming the holder. Exit code 3 when the error rate passes max_error_rate. "
+        + _S3_HELP,
     )
     r.add_argument("job", metavar="JOB.toml", help="the job spec")
     r.add_argument("--dry-run", action="store_true", help="print what would be scored, stop")
@@ -584,6 +651,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    except Exception as e:
+        from pipelines.storage import StorageConfigError, storage_failure
+
+        if isinstance(e, StorageConfigError):
+            _err(str(e))
+            return EXIT_USAGE
+        line = storage_failure(e)  # also inside Ray task errors and exceptions they caused
+        if line is None:
+            raise
+        _err(
+            f"{line} — stopped; what was committed before stays committed, run it again "
+            "once S3 answers"
+        )
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -82,6 +82,8 @@ def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
             "2",
             "--threads",
             "1",
+            "--pipeline-images",
+            "0",
             "--json",
             str(path),
             "--quiet",
@@ -118,6 +120,45 @@ def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
         r["gemm_gflops"] / r["gflop_per_image"], rel=1e-2
     )
     assert r["scorer_images_per_s"] > 0 and r["naive_images_per_s"] > 0
+
+
+@pytest.mark.ray
+def test_bench_pipeline_scores_real_files_into_a_scratch_catalog(
+    ray_session, tmp_path, monkeypatch
+) -> None:
+    """The pipeline figure comes from the real scoring job: every generated file is committed
+    (a failed image would raise), in a catalog of its own, not the user's."""
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", "grain-quarter", "--images", "2", "--naive-rows", "1"]
+    args += ["--height", "64", "--width", "96", "--pipeline-images", "20", "--quiet"]
+    assert main([*args, "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["pipeline_images"] == 20 and r["pipeline_images_per_s"] > 0
+    assert r["pipeline_command_images_per_s"] <= r["pipeline_images_per_s"]
+    assert r["pipeline_fraction_of_roofline"] == pytest.approx(
+        r["pipeline_images_per_s"] / r["roofline_images_per_s"], abs=1e-3
+    )
+    assert not (tmp_path / "home").exists()  # nothing written into the user's home
+
+
+@pytest.mark.slow
+def test_bench_memory_runs_score_twice_and_reports_growth(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", "grain-quarter", "--images", "2", "--naive-rows", "1"]
+    args += ["--height", "64", "--width", "96", "--pipeline-images", "0", "--quiet"]
+    assert main([*args, "--memory", "--memory-images", "3", "--json", str(path)]) == 0
+    m = json.loads(path.read_text())["memory"]
+    assert (m["small"]["images"], m["large"]["images"]) == (3, 12)
+    for size in ("small", "large"):
+        # a Python process with torch and Ray imported holds well over 100 MB
+        assert m[size]["job_peak_rss_mb"] > 100 and m[size]["session_peak_pss_mb"] > 100
+        assert m[size]["job_peak_anon_mb"] <= m[size]["job_peak_rss_mb"]
+    assert m["job_rss_growth"] == pytest.approx(
+        m["large"]["job_peak_rss_mb"] / m["small"]["job_peak_rss_mb"] - 1, abs=1e-3
+    )
+    assert not (tmp_path / "home").exists()
 
 
 def test_bench_refuses_gpu_without_cuda(capsys) -> None:
