@@ -7,7 +7,7 @@ naive reference (the research code's way: a Python loop over heatmap rows, each 
 cropped one by one, projected, one model call per row), timed on a subset of rows and scaled;
 peak RSS; and the pipeline: the same scorer saved as a bundle and run by the real scoring job
 (``jobs.score.run_score``: Ray Data decode tasks, scorer actors, Iceberg commits) on a
-generated archive of PNG files, in a throw-away catalog and MLflow store. Its figure is
+generated archive of JPEG files, in a throw-away catalog and MLflow store. Its figure is
 images over the time from the first chunk to the last commit (Ray already up); the whole
 command's rate (model check, listing, tables, MLflow run) is reported beside it.
 
@@ -125,14 +125,18 @@ def _images(n: int, height: int, width: int, seed: int) -> np.ndarray:
     return np.stack([distinct[k % len(distinct)] for k in range(n)])
 
 
+#: variables that would point a bench's job at the user's catalog, warehouse or MLflow store
+_STORE_ENV = ("FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE", "MLFLOW_TRACKING_URI")
+
+
 @contextlib.contextmanager
 def _scratch_stores(root: Path) -> Iterator[None]:
     """Point the catalog, warehouse and MLflow store at ``root`` for the duration, so a bench
     never writes into the user's tables or registry."""
-    keys = ("FLOWSCORE_HOME", "FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE", "MLFLOW_TRACKING_URI")
+    keys = ("FLOWSCORE_HOME", *_STORE_ENV)
     saved = {k: os.environ.get(k) for k in keys}
     os.environ["FLOWSCORE_HOME"] = str(root / "home")
-    for k in keys[1:]:
+    for k in _STORE_ENV:
         os.environ.pop(k, None)
     try:
         yield
@@ -145,7 +149,7 @@ def _scratch_stores(root: Path) -> Iterator[None]:
 
 
 def _synth_archive(out: Path, images: int, height: int, width: int, log: Log) -> None:
-    """``images`` PNG files under year=/camera= folders: up to 16 generated images, copied
+    """``images`` JPEG files under year=/camera= folders: up to 16 generated images, copied
     to the rest (every file is still read and decoded; only generating them is saved)."""
     import shutil
 
@@ -186,7 +190,7 @@ def pipeline_bench(
     with tempfile.TemporaryDirectory(prefix="flowscore-bench-") as tmp:
         root = Path(tmp)
         _synth_archive(root / "archive", images, height, width, log)
-        bundle = save_bundle(scorer.cpu(), root / "bundle")
+        bundle = save_bundle(scorer, root / "bundle")
         with _scratch_stores(root):
             ensure_ray(ray_address)
             log(f"bench: scoring them through Ray ({actors} actor(s)) into a scratch catalog ...")
@@ -246,7 +250,7 @@ def _session_rss_kb(sid: int) -> tuple[int, int, int]:
 def _score_rss(archive: Path, bundle: Path, home: Path, actors: int) -> dict[str, Any]:
     """Run ``flowscore score`` as its own session and sample its processes' RSS."""
     env = dict(os.environ, FLOWSCORE_HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    for k in ("FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+    for k in (*_STORE_ENV, "RAY_ADDRESS"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "jobs.cli", "score", "--archive", str(archive)]
     cmd += ["--model", str(bundle), "--actors", str(actors), "--quiet"]
@@ -291,7 +295,7 @@ def memory_bench(
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="flowscore-bench-") as tmp:
         root = Path(tmp)
-        bundle = save_bundle(scorer.cpu(), root / "bundle")
+        bundle = save_bundle(scorer, root / "bundle")
         for label, n in (("small", images), ("large", 4 * images)):
             _synth_archive(root / label, n, height, width, log)
             log(f"bench: flowscore score on {n} images, sampling its memory ...")

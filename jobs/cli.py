@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput beside the machine's fp32 matmul roofline",
         description="Measure on this machine: FLOPs per image (from the model's shapes), the "
         "fp32 matmul rate, the roofline (images/s if every FLOP ran at that rate), the "
-        "in-process scorer's images/s, the pipeline's images/s (generated PNG files "
-        "scored by the real Ray job into a scratch catalog, from the first chunk to the last "
-        "commit), and the naive reference (a Python loop over heatmap rows cropping each "
+        "in-process scorer's images/s, the pipeline's images/s (generated JPEG files "
+        "scored by the real Ray job into a scratch catalog, from the start of scoring to the "
+        "last commit), and the naive reference (a Python loop over heatmap rows cropping each "
         "window). Without --model, the preset's scorer is built with "
         "random weights: speed does not depend on the weights' values.",
     )

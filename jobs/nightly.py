@@ -180,7 +180,7 @@ def run_job(
                 job=spec.name,
                 ray_address=ray_address,
                 skip=frozenset(done),
-                resolved=resolved,  # pinned: the registry is not asked again
+                resolved=resolved,  # pinned and checked above: not asked for or loaded again
             ),
             log,
         )

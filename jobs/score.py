@@ -1,15 +1,16 @@
 """``flowscore score``: stream an archive through scorer actors into the Iceberg tables.
 
 The model URI is resolved once (an alias that moves mid-run changes nothing; every row
-carries the version resolved at the start). The listing is cut into chunks of
-``commit_every`` images; each chunk is decoded by CPU tasks, scored by the actor pool and
-committed to ``image_scores`` and ``scoring_errors`` (UPSERT on the key), so a crash loses at
-most one chunk and a rerun doubles nothing. A ``runs`` row follows the run from start to
-finish, and an MLflow run records images/s, counts and the error rate. MLflow is secondary:
-when it is down once the model is resolved, scoring goes on, the warning is printed, and the
-``runs`` row says so (``mlflow_run_id`` null, ``warnings`` naming the store). The bundle is
-loaded in full on the driver first (:func:`check_bundle`), so a bad one is refused before
-the catalog or Ray are touched.
+carries the version resolved at the start). The listing streams through Ray Data (decode
+tasks, then the actor pool) and the driver commits every ``commit_every`` images to
+``image_scores`` and ``scoring_errors`` (UPSERT on the key) while the stream goes on, so a
+crash loses at most one chunk and a rerun doubles nothing. A ``runs`` row follows the run
+from start to finish, and an MLflow run records images/s, counts and the error rate.
+
+MLflow is secondary: when it is down once the model is resolved, scoring goes on, the
+warning is printed, and the ``runs`` row says so (``mlflow_run_id`` null, ``warnings`` naming
+the store). The bundle is loaded in full on the driver first (:func:`check_bundle`), so a
+bad one is refused before the catalog or Ray are touched.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class ScoreRequest:
     only: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # (image_uri, etag) pairs not to score (the nightly job's incremental subtraction)
     skip: frozenset[tuple[str, str]] = field(default_factory=frozenset)
-    # ``model`` already resolved by the caller (a pipelines.tracking.ResolvedModel): used as
-    # is, so the registry is not asked again (the nightly job pins its version at start)
+    # ``model`` already resolved *and checked* (check_bundle) by the caller (a
+    # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
+    # the bundle not loaded twice (the nightly job pins and checks its version at start)
     resolved: Any = None
 
 
@@ -128,8 +130,10 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         raise ScoreUsageError(str(e)) from e
     t0 = time.perf_counter()
     # once: every row carries this version
-    resolved = req.resolved or tracking.resolve_model(req.model)
-    check_bundle(resolved.path)
+    resolved = req.resolved
+    if resolved is None:
+        resolved = tracking.resolve_model(req.model)
+        check_bundle(resolved.path)
     model_name, model_version = model_identity(resolved)
     log(f"model: {req.model} -> {model_name} version {model_version}")
     try:

@@ -77,7 +77,7 @@ class ChunkResult:
     scored: int
     failed: int
     seconds: float  # since the previous commit ended
-    commit_seconds: float = 0.0  # of which writing and committing
+    commit_seconds: float  # of which writing and committing
 
 
 def _entry_rows(entries: Sequence[ArchiveEntry], path_columns: Sequence[str]) -> list[dict]:
@@ -342,11 +342,10 @@ def score_stream(
     def commit(rows: pa.Table) -> None:
         nonlocal t_chunk
         t_commit = time.perf_counter()
-        res = _commit(rows, cfg.run_id, scores_schema, errors_schema, catalog_kwargs)
-        res.seconds = time.perf_counter() - t_chunk
-        res.commit_seconds = time.perf_counter() - t_commit
-        t_chunk = time.perf_counter()
-        on_commit(res)
+        scored, failed = _commit(rows, cfg.run_id, scores_schema, errors_schema, catalog_kwargs)
+        now = time.perf_counter()
+        on_commit(ChunkResult(scored, failed, now - t_chunk, now - t_commit))
+        t_chunk = now
 
     for s0 in range(0, len(entries), segment):
         part = entries[s0 : s0 + segment]
@@ -397,7 +396,8 @@ def _commit(
     scores_schema: pa.Schema,
     errors_schema: pa.Schema,
     catalog_kwargs: dict[str, Any],
-) -> ChunkResult:
+) -> tuple[int, int]:
+    """One UPSERT of the scored rows and one of the error rows; (scored, failed)."""
     import ray.data
     from ray.data import SaveMode
 
@@ -418,4 +418,4 @@ def _commit(
             mode=SaveMode.UPSERT,
             upsert_kwargs={"join_cols": _KEY_ERRORS},
         )
-    return ChunkResult(scores.num_rows, errors.num_rows, 0.0)
+    return scores.num_rows, errors.num_rows
