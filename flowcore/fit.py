@@ -46,7 +46,8 @@ from .flows import (
     flow_config_from_dict,
     flow_config_to_dict,
 )
-from .scorer import FeaturizerModule, Scorer
+from .multiscale import MultiScaleConfig, MultiScaleFeaturizer, fit_multiscale
+from .scorer import STATISTICS, Calibration, FeaturizerModule, ImageScore, Scorer
 from .training import EpochStats, FitConfig, fit_flow
 from .windows import WindowConfig, WindowFeaturizer, fit_window_featurizer, sample_windows
 
@@ -64,6 +65,8 @@ __all__ = [
     "image_generator",
     "split_holdout",
     "calibrate",
+    "Calibrated",
+    "MIN_GROUP_IMAGES",
     "ConfigError",
     "FEATURIZER_TYPES",
     "featurizer_config_to_dict",
@@ -74,7 +77,7 @@ __all__ = [
 ]
 
 
-FeaturizerConfig = WindowConfig | CNNConfig
+FeaturizerConfig = WindowConfig | CNNConfig | MultiScaleConfig
 """The featurizer slot's configurations."""
 
 
@@ -96,6 +99,10 @@ class ScorerSpec:
     val_fraction: float = 0.1
     dequantize: bool = False
     seed: int = 0
+    image_statistic: str = "neg_mean_k_lowest"
+    image_k: int = 0
+    defect_fraction: float = 0.001
+    calibrate_by: str = ""
 
     def __post_init__(self) -> None:
         if self.windows_per_image < 1 or self.basis_rows < 2:
@@ -104,11 +111,25 @@ class ScorerSpec:
             raise ValueError("threshold_quantile must be in (0, 1)")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
+        if self.image_statistic not in STATISTICS:
+            raise ValueError(f"image_statistic must be one of {', '.join(STATISTICS)}")
+        if self.image_k < 0:
+            raise ValueError("image_k must be >= 0 (0: from the geometry and defect_fraction)")
+        _ = self.image_score  # validates k and defect_fraction
 
     @property
     def features(self) -> int:
         """Length of the feature vectors the flow models."""
         return self.featurizer.features
+
+    @property
+    def image_score(self) -> ImageScore:
+        """The image statistic the fitted scorer stores."""
+        return ImageScore(
+            statistic=self.image_statistic,
+            k=self.image_k or None,
+            defect_fraction=self.defect_fraction,
+        )
 
 
 PRESETS: dict[str, ScorerSpec] = {
@@ -120,6 +141,9 @@ PRESETS: dict[str, ScorerSpec] = {
     "grain-quarter": ScorerSpec(
         featurizer=WindowConfig(window=11, stride=2, scale=0.25, components=None)
     ),
+    # 11×11 windows at stride 4 in the context of the 46×46 window around each (one flow on
+    # 32 + 100 components), residuals of both: small defects, heatmap on the fine grid
+    "grain-multiscale": ScorerSpec(featurizer=MultiScaleConfig()),
     # resnet18 layer2 + layer3 (128 + 256 = 384 channels) at 50 % scale: a 29×40 grid of
     # 8-pixel cells on a 460×640 image; affine coupling (DifferNet-style soft clamp α = 3).
     # Meant for ImageNet weights (``--backbone-weights``); without them the backbone keeps its
@@ -198,6 +222,8 @@ def init_featurizer(
         return feat.eval()
     if backbone_state is not None:
         raise ValueError("backbone weights were given, but the windows featurizer has none")
+    if isinstance(cfg, MultiScaleConfig):
+        return MultiScaleFeaturizer(cfg)
     return WindowFeaturizer(cfg)
 
 
@@ -228,6 +254,8 @@ def basis_sample(
     if isinstance(spec.featurizer, CNNConfig):
         base = _cnn_base(spec, featurizer)
         return sample_cells(base, images, per_image, gen, raw=True).cpu()
+    if isinstance(spec.featurizer, MultiScaleConfig):
+        return sample_windows(images, spec.featurizer.sampling_config, per_image, gen)
     return sample_windows(images, spec.featurizer, per_image, gen)
 
 
@@ -259,6 +287,8 @@ def fit_featurizer(
         return feat
     if backbone_state is not None:
         raise ValueError("backbone weights were given, but the windows featurizer has none")
+    if isinstance(cfg, MultiScaleConfig):
+        return fit_multiscale(rows, cfg, seed=spec.seed)
     return fit_window_featurizer(rows, cfg, seed=spec.seed)
 
 
@@ -277,6 +307,12 @@ def feature_rows(
         if featurizer.cfg != spec.featurizer:
             raise ValueError(f"featurizer {featurizer.cfg} does not match {spec.featurizer}")
         return sample_cells(featurizer, images, per_image, gen, dequantize=spec.dequantize)
+    if isinstance(featurizer, MultiScaleFeaturizer):
+        if featurizer.cfg != spec.featurizer:
+            raise ValueError(f"featurizer {featurizer.cfg} does not match {spec.featurizer}")
+        cfg = featurizer.cfg.sampling_config
+        windows = sample_windows(images, cfg, per_image, gen, spec.dequantize)
+        return featurizer.project(windows.to(featurizer.mean.device))
     if not isinstance(spec.featurizer, WindowConfig):
         raise TypeError(f"a {type(featurizer).__name__} does not fit {spec.featurizer}")
     windows = sample_windows(images, spec.featurizer, per_image, gen, spec.dequantize)
@@ -303,14 +339,42 @@ def split_holdout(keys: Sequence[str], fraction: float, seed: int) -> tuple[list
     return [i for i in range(len(keys)) if i not in held], sorted(held)
 
 
+MIN_GROUP_IMAGES = 3
+"""Fewest held-out images of a path-column value that get their own threshold and offset."""
+
+
+@dataclass
+class Calibrated:
+    """What :func:`calibrate` learns from held-out normal images."""
+
+    threshold: float
+    heatmap_clip: tuple[float, float]
+    calibration: Calibration | None = None
+
+    def install(self, scorer: Scorer) -> None:
+        scorer.threshold, scorer.heatmap_clip = self.threshold, self.heatmap_clip
+        scorer.calibration = self.calibration
+
+
 @torch.no_grad()
 def calibrate(
-    scorer: Scorer, images: Iterable[np.ndarray], quantile: float, batch: int = 8
-) -> tuple[float, tuple[float, float]]:
+    scorer: Scorer,
+    images: Iterable[np.ndarray],
+    quantile: float,
+    batch: int = 8,
+    *,
+    groups: Sequence[str | None] | None = None,
+    by: str = "",
+) -> Calibrated:
     """Threshold (``quantile`` of anomaly_score) and heatmap clip range on held-out normal
     images. The clip is (0.1 %, 5 %) of their window log-likelihoods: overlays leave the 95 %
     most typical windows of normal images clear and are fully red at the rarest 0.1 %.
-    Images of different sizes are scored in separate batches."""
+    Images of different sizes are scored in separate batches.
+
+    With ``by`` (a path column) and ``groups`` (each image's value of it, in order): every
+    value with at least :data:`MIN_GROUP_IMAGES` held-out images gets an offset (its median
+    score minus the global median) and a threshold (the ``quantile`` of its offset scores);
+    other values use the global threshold."""
     scores, lls = [], []
     pending: list[np.ndarray] = []
 
@@ -328,10 +392,24 @@ def calibrate(
     flush()
     if not scores:
         raise ValueError("calibration needs at least one held-out image")
-    s = np.concatenate(scores)
+    s = np.concatenate(scores).astype(np.float64)
     ll = np.concatenate(lls)
     lo, hi = np.quantile(ll, [0.001, 0.05])
-    return float(np.quantile(s, quantile)), (float(lo), float(hi))
+    finite = np.nan_to_num(s, nan=np.inf).clip(-1e30, 1e30)
+    out = Calibrated(float(np.quantile(finite, quantile)), (float(lo), float(hi)))
+    if by:
+        if groups is None or len(groups) != len(s):
+            raise ValueError(f"calibration by {by!r} needs one value per held-out image")
+        centre = float(np.median(finite))
+        thresholds: dict[str, float] = {}
+        offsets: dict[str, float] = {}
+        for g in sorted({g for g in groups if g is not None}):
+            mine = finite[[i for i, v in enumerate(groups) if v == g]]
+            if len(mine) >= MIN_GROUP_IMAGES:
+                offsets[g] = float(np.median(mine)) - centre
+                thresholds[g] = float(np.quantile(mine - offsets[g], quantile))
+        out.calibration = Calibration(by=by, thresholds=thresholds, offsets=offsets)
+    return out
 
 
 def fit_scorer(
@@ -341,11 +419,13 @@ def fit_scorer(
     on_epoch: Callable[[EpochStats], None] | None = None,
     device: str | torch.device = "cpu",
     backbone_state: Mapping[str, torch.Tensor] | None = None,
+    val_groups: Sequence[str | None] | None = None,
 ) -> tuple[Scorer, FitReport]:
     """Fit a scorer in this process on RGB uint8 images (each H×W×3; sizes may differ).
     ``val_images`` are whole images held out from training. The windows are drawn once (the
     Ray Train job draws fresh ones every epoch). ``backbone_state``: CNN backbone weights
-    (:func:`flowcore.cnn.read_backbone_weights`); ``None`` = random, seeded by ``spec.seed``."""
+    (:func:`flowcore.cnn.read_backbone_weights`); ``None`` = random, seeded by ``spec.seed``.
+    ``val_groups``: each held-out image's value of ``spec.calibrate_by`` (when set)."""
     if len(train_images) < 1 or len(val_images) < 1:
         raise ValueError("need at least one training and one held-out validation image")
     t0 = time.perf_counter()
@@ -364,9 +444,16 @@ def fit_scorer(
     flow = build_flow(spec.features, spec.flow).to(device)
     fit_cfg = replace(spec.fit, seed=spec.seed)
     result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch)
-    scorer = Scorer(feat, flow, flow_config=spec.flow).eval()
-    threshold, clip = calibrate(scorer, val_images, spec.threshold_quantile)
-    scorer.threshold, scorer.heatmap_clip = threshold, clip
+    scorer = Scorer(feat, flow, flow_config=spec.flow, image_score=spec.image_score).eval()
+    cal = calibrate(
+        scorer,
+        val_images,
+        spec.threshold_quantile,
+        groups=val_groups,
+        by=spec.calibrate_by,
+    )
+    cal.install(scorer)
+    threshold, clip = cal.threshold, cal.heatmap_clip
     report = FitReport(
         train_images=len(train_images),
         val_images=len(val_images),
@@ -390,9 +477,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names where and which key."""
 
 
-FEATURIZER_TYPES: dict[str, type[WindowConfig] | type[CNNConfig]] = {
+FEATURIZER_TYPES: dict[str, type[WindowConfig] | type[CNNConfig] | type[MultiScaleConfig]] = {
     "windows": WindowConfig,
     "cnn": CNNConfig,
+    "multiscale": MultiScaleConfig,
 }
 _FEATURIZER_NAMES = {cls: name for name, cls in FEATURIZER_TYPES.items()}
 _SCALARS = (
@@ -402,6 +490,10 @@ _SCALARS = (
     "val_fraction",
     "dequantize",
     "seed",
+    "image_statistic",
+    "image_k",
+    "defect_fraction",
+    "calibrate_by",
 )
 
 

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer, cnn_grid_shape
 from .flows.bnaf import MaskedWeight
+from .multiscale import MultiScaleFeaturizer
 from .scorer import FeaturizerModule, Scorer
-from .windows import grid_shape
+from .windows import grid_shape, scaled_size
 
 __all__ = ["flow_flops_per_row", "backbone_flops", "featurizer_flops", "flops_per_image"]
 
@@ -65,6 +66,9 @@ def featurizer_flops(featurizer: FeaturizerModule, height: int, width: int) -> i
     """FLOPs of the featurizer on one full-resolution (height × width) image."""
     if isinstance(featurizer, CNNFeaturizer):
         return backbone_flops(featurizer, height, width)
+    if isinstance(featurizer, MultiScaleFeaturizer):
+        h, w = scaled_size(height, width, featurizer.cfg.scale)
+        return featurizer_flops(featurizer.fine, h, w) + featurizer_flops(featurizer.coarse, h, w)
     cfg = featurizer.cfg
     gh, gw = grid_shape(height, width, cfg)
     return 2 * gh * gw * cfg.dims * cfg.features
@@ -77,6 +81,9 @@ def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
     feat = scorer.featurizer
     if isinstance(feat, CNNFeaturizer):
         gh, gw = cnn_grid_shape(height, width, feat.cfg)
+    elif isinstance(feat, MultiScaleFeaturizer):
+        h, w = scaled_size(height, width, feat.cfg.scale)
+        gh, gw = grid_shape(h, w, feat.cfg.fine_config)
     else:
         gh, gw = grid_shape(height, width, feat.cfg)
     windows = gh * gw

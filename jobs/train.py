@@ -47,6 +47,7 @@ class TrainRequest:
     only: tuple[tuple[str, tuple[str, ...]], ...] = ()
     skip_labelled_anomalies: bool = False
     max_epochs: int | None = None
+    calibrate_by: str | None = None
     backbone_weights: str | None = None
     ray_address: str | None = None
     max_failures: int = 2
@@ -66,7 +67,12 @@ class TrainOutcome:
     val_images: int
 
 
-def load_spec(preset: str, config: str | None, max_epochs: int | None = None) -> Any:
+def load_spec(
+    preset: str,
+    config: str | None,
+    max_epochs: int | None = None,
+    calibrate_by: str | None = None,
+) -> Any:
     """The preset's spec with the TOML file's fields replaced. Unknown keys, bad values and
     unreadable files raise TrainUsageError naming the file and key."""
     from flowcore.fit import PRESETS, ConfigError, apply_overrides
@@ -87,6 +93,8 @@ def load_spec(preset: str, config: str | None, max_epochs: int | None = None) ->
             raise TrainUsageError(str(e)) from e
     if max_epochs is not None:
         spec = replace(spec, fit=replace(spec.fit, max_epochs=max_epochs))
+    if calibrate_by is not None:
+        spec = replace(spec, calibrate_by=calibrate_by)
     return spec
 
 
@@ -170,7 +178,9 @@ def _fault() -> Any:
 
 def _backbone_state(spec: Any, req: TrainRequest, log: Log) -> Any:
     """The CNN backbone's weights from ``--backbone-weights`` (None: random, with a
-    warning). The file is read once here; workers get the tensors, never the file."""
+    warning): a file, ``pkg:NAME`` (weights shipped in an installed package, checksum-checked)
+    or a torchvision weights name (hub cache, else a download: only when the user names one).
+    Resolved once here; workers get the tensors, never the file."""
     from flowcore.cnn import BackboneWeightsError, CNNConfig, read_backbone_weights
 
     if not isinstance(spec.featurizer, CNNConfig):
@@ -184,7 +194,9 @@ def _backbone_state(spec: Any, req: TrainRequest, log: Log) -> Any:
         log(
             f"warning: no --backbone-weights given: the {spec.featurizer.backbone} backbone "
             "keeps random weights (a random-feature extractor, much weaker than pretrained "
-            "features; nothing is downloaded)"
+            "features; nothing is downloaded). ImageNet weights: a .pth/.safetensors file, "
+            "pkg:mobilenet_v2 (offline, with featurizer backbone mobilenet_v2) or a torchvision "
+            "name such as ResNet18_Weights.IMAGENET1K_V1 (needs internet once)"
         )
         return None
     try:
@@ -208,7 +220,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     from pipelines.train import fit_featurizer_on_ray, iter_images, train_flow_on_ray
 
     t_start = time.perf_counter()
-    spec = load_spec(req.preset, req.config, req.max_epochs)
+    spec = load_spec(req.preset, req.config, req.max_epochs, req.calibrate_by)
     spec_d = spec_to_dict(spec)
     backbone_state = _backbone_state(spec, req, log)
     if req.use_gpu and req.ray_address is None and not torch.cuda.is_available():
@@ -308,18 +320,32 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             fault=_fault(),
             log=log,
         )
-        scorer = Scorer(featurizer, fit.flow, flow_config=spec.flow).eval()
+        scorer = Scorer(
+            featurizer, fit.flow, flow_config=spec.flow, image_score=spec.image_score
+        ).eval()
         log(f"calibrating on the {len(val)} held-out images, scored whole")
         kept: list[tuple[str, np.ndarray]] = []
+        column_of = {e.path: e.columns for e in val}
+        groups: list[str | None] = []  # filled as the images stream in (completion order)
 
         def val_images() -> Any:
             for path, img in iter_images(val):
                 if len(kept) < req.overlays:
                     kept.append((path, img))
+                groups.append(column_of.get(path, {}).get(spec.calibrate_by))
                 yield img
 
-        threshold, clip = calibrate(scorer, val_images(), spec.threshold_quantile)
-        scorer.threshold, scorer.heatmap_clip = threshold, clip
+        cal = calibrate(
+            scorer, val_images(), spec.threshold_quantile, groups=groups, by=spec.calibrate_by
+        )
+        cal.install(scorer)
+        threshold, clip = cal.threshold, cal.heatmap_clip
+        if cal.calibration is not None:
+            own = ", ".join(
+                f"{cal.calibration.by}={g}: {t:.3f} (offset {cal.calibration.offsets[g]:+.3f})"
+                for g, t in cal.calibration.thresholds.items()
+            )
+            log(f"thresholds by {spec.calibrate_by}: {own or 'none (too few held-out images)'}")
         training = {
             "archive": tracking.scrub_text(req.archive),
             "only": {k: list(v) for k, v in req.only},

@@ -5,7 +5,12 @@ Every method produces a (gh, gw) grid of *normality* per image (higher = more no
 log-likelihood); the flow's grid is its window log-likelihoods, a baseline's is its score of
 each window's feature vector. Grids are then summarised exactly like the flow's (DESIGN.md):
 
-- image score = ``anomaly_score = -p05`` of the grid (:func:`flowcore.scorer.summarize`);
+- image score = the model's image statistic of the grid (:class:`flowcore.scorer.ImageScore`,
+  e.g. minus the mean of the k lowest windows), the same for the flow and every baseline; the
+  flow's own score also takes the model's per-group offsets where it was calibrated by a
+  path column, as its ``anomaly_score`` in the tables does. Beside it, the flow's image AUROC
+  for every candidate statistic (``image_auroc_by_statistic``), so a user sees why the model's
+  choice is what it is;
 - pixel map = :func:`flowcore.scorer.heatmap_to_image` of the *negated* grid (higher = more
   anomalous), compared with the ground-truth mask.
 
@@ -46,7 +51,15 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from flowcore.scorer import Geometry, heatmap_to_image, summarize
+from flowcore.scorer import (
+    LEGACY_IMAGE_SCORE,
+    STATISTICS,
+    Calibration,
+    Geometry,
+    ImageScore,
+    heatmap_to_image,
+    image_statistics,
+)
 
 __all__ = [
     "METHODS",
@@ -436,6 +449,8 @@ class EvaluationResult:
     images: int
     anomalous: int
     labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    by_statistic: dict[str, float | None] = field(default_factory=dict)
+    statistic: str = LEGACY_IMAGE_SCORE.statistic
 
     def as_json(
         self, model_uri: str, images: int | None = None, anomalous: int | None = None
@@ -459,6 +474,8 @@ class EvaluationResult:
             "anomalous": int(self.anomalous if anomalous is None else anomalous),
             "image_auroc": per("image_auroc"),
             "pixel_auroc": per("pixel_auroc"),
+            "image_statistic": self.statistic,
+            "image_auroc_by_statistic": dict(self.by_statistic),
         }
 
     def curves(self, kind: str = "image") -> dict[str, tuple[np.ndarray, np.ndarray, float | None]]:
@@ -478,10 +495,11 @@ class EvaluationResult:
         return out
 
 
-def _anomaly_scores(grid: np.ndarray) -> np.ndarray:
-    """(N, gh, gw) normality grid -> (N,) image anomaly scores (-p05, as the flow's)."""
+def _statistics(grid: np.ndarray, geometry: Geometry, image_score: ImageScore) -> dict[str, Any]:
+    """(N, gh, gw) normality grid -> every candidate image statistic, each (N,) float64."""
     g = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))
-    return summarize(g)["anomaly_score"].numpy().astype(np.float64)
+    st = image_statistics(g, geometry, image_score)
+    return {k: v.numpy().astype(np.float64) for k, v in st.items()}
 
 
 def _per_image(values: int | Sequence[int], n: int, what: str) -> list[int]:
@@ -515,6 +533,8 @@ class Evaluator:
         *,
         pixels: bool = True,
         pixel_bins: int = 1 << 16,
+        image_score: ImageScore = LEGACY_IMAGE_SCORE,
+        calibration: Calibration | None = None,
     ) -> None:
         unknown = set(baselines) - set(BASELINES)
         if unknown:
@@ -525,7 +545,10 @@ class Evaluator:
         self.methods = ("flow", *(m for m in BASELINES if m in self.baselines))
         self.pixel = {m: PixelAUROC(pixel_bins) for m in self.methods}
         self._scores: dict[str, list[np.ndarray]] = {m: [] for m in self.methods}
+        self._flow_stats: dict[str, list[np.ndarray]] = {s: [] for s in STATISTICS}
         self._labels: list[int] = []
+        self.image_score = image_score
+        self.calibration = calibration
 
     def add(
         self,
@@ -535,10 +558,12 @@ class Evaluator:
         masks: Sequence[np.ndarray | None],
         heights: int | Sequence[int],
         widths: int | Sequence[int],
+        groups: Sequence[str | None] | None = None,
     ) -> None:
         """One batch of N images: the flow's (N, gh, gw) log-likelihood grid, the (N, D, gh, gw)
         features it came from (scored by every baseline), labels (0 normal / 1 anomalous),
-        (H, W) boolean masks or None, and each image's full-resolution height and width."""
+        (H, W) boolean masks or None, each image's full-resolution height and width, and
+        (with a calibration) each image's value of the calibration column."""
         g = _host(flow_grid).astype(np.float32, copy=False)
         if g.ndim != 3:
             raise ValueError(f"flow grid must be (N, gh, gw), got shape {g.shape}")
@@ -559,9 +584,19 @@ class Evaluator:
                 )
             for m in self.methods[1:]:
                 grids[m] = score_grid(self.baselines[m], f)
+        stat = self.image_score.statistic
         for m, grid in grids.items():
             grids[m] = np.nan_to_num(grid, nan=-_HUGE, posinf=_HUGE, neginf=-_HUGE)
-            self._scores[m].append(_anomaly_scores(grids[m]))
+            st = _statistics(grids[m], self.geometry, self.image_score)
+            score = st[stat]
+            if m == "flow":
+                for k, v in st.items():
+                    self._flow_stats[k].append(v)
+                cal = self.calibration
+                if cal is not None and groups is not None:
+                    off = [cal.offsets.get(g, 0.0) if g is not None else 0.0 for g in groups]
+                    score = score - np.asarray(off, np.float64)
+            self._scores[m].append(score)
         self._labels.extend(y)
         if not self.pixels:
             return
@@ -599,11 +634,17 @@ class Evaluator:
                 image_scores=scores,
                 pixel_error_bound=px.error_bound(),
             )
+        by_statistic: dict[str, float | None] = {}
+        for k, parts in self._flow_stats.items():
+            v = np.concatenate(parts) if parts else np.zeros(0)
+            by_statistic[k] = image_auroc(v, labels) if both else None
         return EvaluationResult(
             methods=out,
             images=len(labels),
             anomalous=int(labels.sum()) if labels.size else 0,
             labels=labels,
+            by_statistic=by_statistic,
+            statistic=self.image_score.statistic,
         )
 
 
@@ -632,4 +673,9 @@ def format_table(result: EvaluationResult) -> str:
     ]
     lines += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
     lines.append(f"{result.images} images, {result.anomalous} anomalous")
+    if result.by_statistic:
+        lines.append(
+            f"flow image AUROC by image statistic (the model scores {result.statistic}): "
+            + ", ".join(f"{k} {cell(v)}" for k, v in result.by_statistic.items())
+        )
     return "\n".join(lines)

@@ -174,6 +174,13 @@ class ScorerActor:
         msg = batch.column("message").to_pylist()
         summary = {c: np.full(n, np.nan, np.float32) for c in SUMMARY_COLUMNS}
         flag = np.zeros(n, bool)
+        source: list[str | None] = [None] * n
+        cal = self.scorer.calibration
+        cal_values = (  # each image's value of the calibration column (per-camera thresholds)
+            batch.column(cal.by).to_pylist()
+            if cal is not None and cal.by in batch.column_names
+            else [None] * n
+        )
         grid_h = np.zeros(n, np.int32)
         grid_w = np.zeros(n, np.int32)
         heat: list[np.ndarray | None] = [None] * n
@@ -186,7 +193,7 @@ class ScorerActor:
                 part = idx[start : start + cfg.batch_size]
                 imgs = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(h, w, 3) for i in part])
                 try:
-                    sb = self.scorer.score(imgs)
+                    sb = self.scorer.score(imgs, [cal_values[i] for i in part])
                 except Exception as e:  # noqa: BLE001 - one bad image must not fail the block
                     for i in part:
                         stage[i], etype[i], msg[i] = "score", type(e).__name__, str(e)[:500]
@@ -194,6 +201,8 @@ class ScorerActor:
                 for c in SUMMARY_COLUMNS:
                     summary[c][part] = sb.summary[c]
                 flag[part] = sb.is_anomaly
+                for i, src in zip(part, sb.threshold_source or [], strict=True):
+                    source[i] = src
                 grid_h[part], grid_w[part] = sb.grid.shape[1], sb.grid.shape[2]
                 if cfg.heatmaps:
                     for k, i in enumerate(part):
@@ -224,6 +233,7 @@ class ScorerActor:
             ),
             ("is_anomaly", pa.array(flag, pa.bool_(), mask=missing)),
             ("heatmap", _heatmap_array(heat)),
+            ("threshold_source", pa.array(source, pa.string())),
             ("stage", pa.array(stage, pa.string())),
             ("error_type", pa.array(etype, pa.string())),
             ("message", pa.array(msg, pa.string())),

@@ -1,6 +1,7 @@
-"""Deterministic synthetic image archives with ground truth (pure numpy + Pillow).
+"""Deterministic synthetic image archives with ground truth (numpy + Pillow; ``texture`` also
+reads the CC0 textures that ship inside scikit-image's wheel: nothing is downloaded).
 
-Two kinds of scene are rendered:
+Three kinds are rendered:
 
 ``harvest``
     A dense layer of maize-like grain kernels seen from above (as on a combine's elevator),
@@ -9,6 +10,15 @@ Two kinds of scene are rendered:
     dark mouldy kernels.
 ``factory``
     A brushed-metal surface. Anomalies: scratches, spots, branching cracks and soft stains.
+``texture``
+    256 x 256 grey views (stored as RGB, R = G = B) of scikit-image's ``brick``, ``grass`` and
+    ``gravel``: random position, zoom 0.9..1.1, angle within +-4 degrees (mirrored and/or
+    turned by 180 degrees), contrast, brightness, a light gradient and noise. Each anomalous
+    image has exactly one defect (:data:`DEFECTS`, see :func:`render_texture`): ``local``
+    (spots, scratches; masked), ``dark_smooth`` (a flattened, darkened blob; masked) or
+    ``global`` (rotated 10..25 degrees, zoomed by 1.3..1.6 either way, or contrast
+    0.55..0.65; no mask, so it counts for image AUROC only). The camera/lighting notes below
+    are for harvest and factory.
 
 Every camera has fixed lighting (gain, colour tint, vignetting and a gradient) derived only
 from its number, plus a small per-image brightness jitter; every image gets slight blur and
@@ -22,12 +32,21 @@ Archive layout (see DESIGN.md, "Archive layout")::
     OUT/_truth/labels.csv                              path,label (sorted by path)
     OUT/_truth/masks/year=YYYY/camera=K/img_....png    8-bit L, 255 = anomalous pixel
 
+``texture`` has ``texture=NAME/year=YYYY/img_YYYYmmddTHHMMSS.jpg`` in place of
+``year=YYYY/camera=K/...`` (so ``OUT/texture=brick`` is itself an archive of one texture;
+``cameras`` is ignored), masks only for ``local`` and ``dark_smooth``, and
+``OUT/_truth/defects.csv`` with columns ``path,defect`` (the anomalous images, sorted by
+path; ``defect`` one of ``local``, ``dark_smooth``, ``global``). The k-th anomalous image
+drawn gets ``DEFECTS[k % 3]``, so the three types are balanced.
+
 Determinism: image ``i`` is rendered from its own generator,
 ``SeedSequence(seed, spawn_key=(1, i))``; the set of anomalous images (exactly
 ``round(images * anomaly_rate)``) comes from ``spawn_key=(0,)``, and the capture times of
 camera group ``g`` from ``spawn_key=(2, g)``. Image ``i`` goes to the ``(year, camera)`` group
-``i % (len(years) * cameras)`` (years outer, cameras inner). Within a group, capture times
-increase and are spread over the harvest season (1 August to 31 October, 08:00 to 18:00).
+``i % (len(years) * cameras)`` (years outer, cameras inner); for ``texture`` to the
+``(texture, year)`` group ``i % (3 * len(years))`` (textures outer, years inner). Within a
+group, capture times increase and are spread over the harvest season (1 August to 31 October,
+08:00 to 18:00).
 Nothing time- or machine-dependent is written, so the same arguments give byte-identical files.
 """
 
@@ -37,7 +56,7 @@ import csv
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -45,9 +64,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["KINDS", "SynthSummary", "render_image", "write_archive"]
+__all__ = [
+    "DEFECTS",
+    "GLOBAL_CHANGES",
+    "KINDS",
+    "TEXTURES",
+    "SynthSummary",
+    "render_image",
+    "render_texture",
+    "write_archive",
+]
 
-KINDS: tuple[str, ...] = ("harvest", "factory")
+KINDS: tuple[str, ...] = ("harvest", "factory", "texture")
 
 _REF_AREA = 460 * 640  # the reference image size that the pixel sizes below are tuned for
 _DAY_START_H = 8  # captures happen between 08:00 and 18:00
@@ -69,6 +97,8 @@ class SynthSummary:
     images: int
     anomalous: int
     paths: list[str]  # relative paths (forward slashes) of the images written, sorted
+    # kind "texture": {relative path: defect} of the anomalous images (as _truth/defects.csv)
+    defects: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- validation
@@ -87,6 +117,11 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
         bound = f">= {low}" if high is None else f"between {low} and {high}"
         raise ValueError(f"{name} must be {bound}, got {v}")
     return v
+
+
+def _default_size(kind: str, height: int | None, width: int | None) -> tuple[int, int]:
+    dh, dw = (256, 256) if kind == "texture" else (460, 640)
+    return (dh if height is None else height), (dw if width is None else width)
 
 
 def _check_size(height: int, width: int) -> tuple[int, int]:
@@ -635,6 +670,210 @@ _FACTORY_ANOMALIES: tuple[Callable[..., Image.Image | None], ...] = (
 )
 
 
+# --------------------------------------------------------------------------- texture
+
+TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
+DEFECTS: tuple[str, ...] = ("local", "dark_smooth", "global")
+GLOBAL_CHANGES: tuple[str, ...] = ("rotation", "scale", "contrast")
+
+_TEX_SIZE = 256  # default side of a texture image; source pixels its longest side spans at zoom 1
+# Normal ranges and the global defect's ranges never overlap (angles modulo 180 degrees).
+_TEX_ANGLE = 4.0  # normal: |angle| <= 4 degrees, then mirrored and/or turned by 180 degrees
+_TEX_ANGLE_DEFECT = (10.0, 25.0)  # global "rotation": 10..25 degrees either way
+_TEX_ZOOM = (0.9, 1.1)  # normal zoom, log-uniform
+_TEX_ZOOM_DEFECT = (1.3, 1.6)  # global "scale": zoom in or out by this factor
+_TEX_CONTRAST = (0.85, 1.15)  # normal contrast gain about the texture's mean
+_TEX_CONTRAST_DEFECT = (0.55, 0.65)  # global "contrast"
+
+
+@lru_cache(maxsize=8)
+def _texture_source(name: str) -> np.ndarray:
+    """The CC0 texture ``name`` that ships inside scikit-image's wheel (nothing is downloaded),
+    as a read-only float32 grey image (512 x 512, 0..255)."""
+    try:
+        from skimage import data as skdata
+    except ImportError as e:  # a declared dependency; only a broken install lands here
+        raise RuntimeError(
+            "kind 'texture' needs scikit-image>=0.24, which ships the CC0 textures"
+        ) from e
+    arr = np.asarray(getattr(skdata, name)(), dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[..., :3].mean(axis=2)
+    arr = np.ascontiguousarray(arr)
+    arr.setflags(write=False)
+    return arr
+
+
+def _texture_view(
+    src: np.ndarray, rng: np.random.Generator, h: int, w: int, zoom: float, angle: float
+) -> np.ndarray:
+    """An ``h x w`` view of ``src`` at a random position, zoomed by ``zoom`` (times
+    ``max(h, w) / 256``, so that the field of view does not depend on the output size) and
+    rotated by ``angle`` degrees; never samples outside the source."""
+    th = math.radians(angle)
+    co, si = math.cos(th), math.sin(th)
+    ex = (w * abs(co) + h * abs(si)) / 2 + 2  # half extents of the rotated view, + bicubic margin
+    ey = (w * abs(si) + h * abs(co)) / 2 + 2
+    sh, sw = src.shape
+    z = max(zoom * max(h, w) / _TEX_SIZE, 2 * ex / sw, 2 * ey / sh)
+    rw, rh = max(1, round(sw * z)), max(1, round(sh * z))
+    img = Image.fromarray(src)
+    if (rw, rh) != (sw, sh):
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC)  # antialiased when shrinking
+    cx = float(rng.uniform(ex, max(ex, rw - ex)))
+    cy = float(rng.uniform(ey, max(ey, rh - ey)))
+    coeffs = (co, -si, cx - co * w / 2 + si * h / 2, si, co, cy - si * w / 2 - co * h / 2)
+    out = img.transform((w, h), Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC)
+    return np.array(out, dtype=np.float32)
+
+
+def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window, reflecting at the borders (float64)."""
+    k = 2 * r + 1
+    p = np.pad(a.astype(np.float64), r, mode="reflect")
+    c = np.cumsum(p, axis=0)
+    c = np.concatenate([np.zeros((1, c.shape[1])), c], axis=0)
+    p = (c[k:] - c[:-k]) / k
+    c = np.cumsum(p, axis=1)
+    c = np.concatenate([np.zeros((c.shape[0], 1)), c], axis=1)
+    return (c[:, k:] - c[:, :-k]) / k
+
+
+def _local_defect(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    """One to three small spots or scratches (5..15 px at 256 px), all brighter or all
+    darker than their surroundings; drawn into ``v`` in place; returns the mask."""
+    h, w = v.shape
+    s = max(h, w) / _TEX_SIZE
+    m = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(m)
+    cx, cy = _center(rng, w, h, 0.12)
+    for _ in range(int(rng.integers(1, 4))):
+        x = float(np.clip(cx + rng.normal(0, 10 * s), 0.08 * w, 0.92 * w))
+        y = float(np.clip(cy + rng.normal(0, 10 * s), 0.08 * h, 0.92 * h))
+        size = float(rng.uniform(5, 15)) * s
+        ang = float(rng.uniform(0, np.pi))
+        if rng.random() < 0.5:  # a spot
+            draw.polygon(
+                _jagged_blob(
+                    rng, x, y, size / 2, aspect=rng.uniform(1, 1.6), angle=ang, vertices=10
+                ),
+                fill=255,
+            )
+        else:  # a short, slightly bent scratch
+            dx, dy = math.cos(ang) * size / 2, math.sin(ang) * size / 2
+            bend = float(rng.uniform(-0.15, 0.15)) * size
+            pts = [(x - dx, y - dy), (x - dy * bend / size, y + dx * bend / size), (x + dx, y + dy)]
+            width = max(1, round(float(rng.uniform(1.5, 3.0)) * s))
+            draw.line(pts, fill=255, width=width, joint="curve")
+    mask = np.asarray(m) > 0
+    if not mask.any():  # only at tiny sizes
+        mask[int(cy), int(cx)] = True
+    ys, xs = np.nonzero(mask)
+    pad = int(round(12 * s)) + 2
+    y0, y1 = max(0, ys.min() - pad), min(h, ys.max() + pad + 1)
+    x0, x1 = max(0, xs.min() - pad), min(w, xs.max() + pad + 1)
+    around = v[y0:y1, x0:x1][~mask[y0:y1, x0:x1]]
+    mu = float(around.mean()) if around.size else float(v.mean())
+    delta = float(rng.uniform(50, 80))
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    if not 20 <= mu + sign * delta <= 235:  # no room on that side: the other polarity
+        sign = -sign
+    v[mask] = mu + sign * delta + 0.25 * (v[mask] - mu)
+    return mask
+
+
+def _dark_smooth_defect(rng: np.random.Generator, v: np.ndarray) -> np.ndarray:
+    """A blob (20..50 px across at 256 px) whose texture is replaced by its strongly
+    smoothed local mean and darkened; drawn into ``v`` in place; returns the mask."""
+    h, w = v.shape
+    s = max(h, w) / _TEX_SIZE
+    r = float(rng.uniform(10, 25)) * s
+    aspect = float(rng.uniform(1, 1.5))
+    reach = r * math.sqrt(aspect) * 1.15
+    cx = float(rng.uniform(min(reach, w / 2), max(w / 2, w - reach)))
+    cy = float(rng.uniform(min(reach, h / 2), max(h / 2, h - reach)))
+    poly = _jagged_blob(
+        rng, cx, cy, r, aspect=aspect, angle=rng.uniform(0, np.pi), vertices=16, rough=0.12
+    )
+    m = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(m).polygon(poly, fill=255)
+    mask = np.asarray(m) > 0
+    if not mask.any():
+        mask[int(cy), int(cx)] = True
+    k = max(2, int(round(r * 0.6)))
+    smooth = _box_mean(_box_mean(v, k), k)  # ~ a Gaussian of sigma 0.7 r: the local mean
+    v[mask] = (smooth[mask] * float(rng.uniform(0.55, 0.75))).astype(np.float32)
+    return mask
+
+
+def render_texture(
+    rng: np.random.Generator,
+    *,
+    texture: str,
+    defect: str | None = None,
+    height: int = _TEX_SIZE,
+    width: int = _TEX_SIZE,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Render one texture image (grey, stored as RGB with R = G = B).
+
+    A random view of scikit-image's CC0 ``texture`` (one of :data:`TEXTURES`): random
+    position, zoom 0.9..1.1, angle within +-4 degrees, random mirror and 180 degree turn,
+    contrast 0.85..1.15, brightness +-12, a linear light gradient up to +-8 % and sensor noise
+    (sigma 1.5..3). ``defect`` (one of :data:`DEFECTS`, or ``None`` for a normal image):
+
+    * ``local``: one to three spots or scratches of 5..15 px, 50..80 grey levels brighter or
+      darker than around them;
+    * ``dark_smooth``: a 20..50 px blob whose texture is replaced by its local mean and
+      darkened to 55..75 % -- simpler than the texture, so it may fool a likelihood model;
+    * ``global``: the whole view is off the normal ranges in one way: rotated by 10..25
+      degrees, zoomed in or out by 1.3..1.6, or contrast 0.55..0.65; no mask.
+
+    Pixel sizes are for 256 x 256 and scale with ``max(height, width) / 256``. Returns
+    ``(rgb, mask)``: an ``H x W x 3`` uint8 image and the ``H x W`` bool mask of a ``local`` or
+    ``dark_smooth`` defect (never empty), else ``None``.
+    """
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; valid textures are: {', '.join(TEXTURES)}")
+    if defect is not None and defect not in DEFECTS:
+        raise ValueError(f"unknown defect {defect!r}; valid defects are: {', '.join(DEFECTS)}")
+    h, w = _check_size(height, width)
+    src = _texture_source(texture)
+    zoom = float(np.exp(rng.uniform(math.log(_TEX_ZOOM[0]), math.log(_TEX_ZOOM[1]))))
+    angle = float(rng.uniform(-_TEX_ANGLE, _TEX_ANGLE))
+    contrast = float(rng.uniform(*_TEX_CONTRAST))
+    if defect == "global":
+        change = GLOBAL_CHANGES[int(rng.integers(len(GLOBAL_CHANGES)))]
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        if change == "rotation":
+            angle = sign * float(rng.uniform(*_TEX_ANGLE_DEFECT))
+        elif change == "scale":
+            zoom = float(rng.uniform(*_TEX_ZOOM_DEFECT)) ** sign
+        else:
+            contrast = float(rng.uniform(*_TEX_CONTRAST_DEFECT))
+    v = _texture_view(src, rng, h, w, zoom, angle)
+    if rng.random() < 0.5:
+        v = v[:, ::-1]
+    if rng.random() < 0.5:
+        v = v[::-1, ::-1]
+    v = np.ascontiguousarray(v)
+    mask: np.ndarray | None = None
+    if defect == "local":
+        mask = _local_defect(rng, v)
+    elif defect == "dark_smooth":
+        mask = _dark_smooth_defect(rng, v)
+    # re-lighting: contrast about the texture's mean, brightness, a linear gradient; noise
+    mean = float(src.mean())
+    bright = float(rng.uniform(-12, 12))
+    grad, gang = float(rng.uniform(0, 0.08)), float(rng.uniform(0, 2 * np.pi))
+    y = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
+    x = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
+    field = 1.0 + grad * (x * math.cos(gang) + y * math.sin(gang))
+    out = (mean + contrast * (v - mean) + bright) * field
+    out += rng.standard_normal((h, w), dtype=np.float32) * float(rng.uniform(1.5, 3.0))
+    grey = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2), mask
+
+
 # --------------------------------------------------------------------------- rendering
 
 
@@ -644,18 +883,26 @@ def render_image(
     *,
     camera: int,
     anomalous: bool,
-    height: int = 460,
-    width: int = 640,
+    height: int | None = None,
+    width: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Render one synthetic frame.
+    """Render one synthetic frame (default size: 460 x 640, texture 256 x 256).
 
     Returns ``(rgb, mask)``: an ``H x W x 3`` uint8 image and, for an anomalous frame, an
     ``H x W`` bool mask of the anomalous pixels (never empty); ``None`` for a normal frame.
     The result depends only on ``rng``'s state and the arguments.
+
+    For ``texture``, ``camera`` picks the texture (``TEXTURES[(camera - 1) % 3]``) and an
+    anomalous frame gets a defect drawn from :data:`DEFECTS`; a ``global`` defect has no
+    mask (``None``). Use :func:`render_texture` to choose the texture and defect.
     """
     _check_kind(kind)
     camera = _check_int("camera", camera, 1)
-    h, w = _check_size(height, width)
+    h, w = _check_size(*_default_size(kind, height, width))
+    if kind == "texture":
+        texture = TEXTURES[(camera - 1) % len(TEXTURES)]
+        defect = DEFECTS[int(rng.integers(len(DEFECTS)))] if anomalous else None
+        return render_texture(rng, texture=texture, defect=defect, height=h, width=w)
     if kind == "harvest":
         canvas = _harvest_base(rng, h, w, camera)
         makers: Sequence[Callable[..., Image.Image | None]] = _HARVEST_ANOMALIES
@@ -735,12 +982,14 @@ def write_archive(
     anomaly_rate: float = 0.1,
     years: Sequence[int] = (2017, 2018, 2019),
     cameras: int = 2,
-    height: int = 460,
-    width: int = 640,
+    height: int | None = None,
+    width: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SynthSummary:
     """Write a synthetic archive with ground truth under ``out`` (a new or empty directory).
 
+    Images are 460 x 640 (``texture``: 256 x 256) unless ``height``/``width`` say otherwise.
+    ``kind="texture"`` ignores ``cameras``: its groups are (texture, year).
     ``progress(done, total)`` is called after each image. Raises ``ValueError`` for bad
     arguments and ``FileExistsError`` when ``out`` exists and is not an empty directory.
     """
@@ -748,7 +997,7 @@ def write_archive(
     n = _check_int("images", images, 1)
     seed = _check_int("seed", seed, 0)
     cams = _check_int("cameras", cameras, 1, 999)
-    h, w = _check_size(height, width)
+    h, w = _check_size(*_default_size(kind, height, width))
     if isinstance(anomaly_rate, bool) or not isinstance(anomaly_rate, int | float | np.floating):
         raise ValueError(f"anomaly_rate must be a number in [0, 1], got {anomaly_rate!r}")
     rate = float(anomaly_rate)
@@ -771,11 +1020,19 @@ def write_archive(
                 f"{root} is not empty; pick a new or empty directory for the synthetic archive"
             )
 
-    groups = [(y, c) for y in yrs for c in range(1, cams + 1)]
+    texture = kind == "texture"
+    # (year, camera), years outer; texture: (year, index into TEXTURES), textures outer
+    if texture:
+        groups = [(y, t) for t in range(len(TEXTURES)) for y in yrs]
+    else:
+        groups = [(y, c) for y in yrs for c in range(1, cams + 1)]
     n_anom = int(round(n * rate))
     pick = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0,)))
+    chosen = pick.permutation(n)[:n_anom]
     anomalous = np.zeros(n, dtype=bool)
-    anomalous[pick.permutation(n)[:n_anom]] = True
+    anomalous[chosen] = True
+    # texture: the k-th chosen image gets DEFECTS[k % 3], so the types are balanced
+    defect_of = {int(i): DEFECTS[k % len(DEFECTS)] for k, i in enumerate(chosen.tolist())}
 
     times: dict[int, list[datetime]] = {}
     for g, (year, _cam) in enumerate(groups):
@@ -785,15 +1042,24 @@ def write_archive(
 
     root.mkdir(parents=True, exist_ok=True)
     labels: list[tuple[str, int]] = []
+    defects: dict[str, str] = {}
     for i in range(n):
         g = i % len(groups)
         year, cam = groups[g]
         when = times[g][i // len(groups)]
-        rel = f"year={year}/camera={cam}/img_{when.strftime('%Y%m%dT%H%M%S')}.jpg"
+        stamp = when.strftime("%Y%m%dT%H%M%S")
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, i)))
-        rgb, mask = render_image(
-            kind, rng, camera=cam, anomalous=bool(anomalous[i]), height=h, width=w
-        )
+        if texture:
+            rel = f"texture={TEXTURES[cam]}/year={year}/img_{stamp}.jpg"
+            defect = defect_of.get(i)
+            rgb, mask = render_texture(rng, texture=TEXTURES[cam], defect=defect, height=h, width=w)
+            if defect is not None:
+                defects[rel] = defect
+        else:
+            rel = f"year={year}/camera={cam}/img_{stamp}.jpg"
+            rgb, mask = render_image(
+                kind, rng, camera=cam, anomalous=bool(anomalous[i]), height=h, width=w
+            )
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(_jpeg_bytes(rgb, when))
@@ -801,7 +1067,7 @@ def write_archive(
             mpath = root / "_truth" / "masks" / (rel[: -len(".jpg")] + ".png")
             mpath.parent.mkdir(parents=True, exist_ok=True)
             mpath.write_bytes(_png_bytes(mask))
-        labels.append((rel, int(mask is not None)))
+        labels.append((rel, int(bool(anomalous[i]))))
         if progress is not None:
             progress(i + 1, n)
 
@@ -813,4 +1079,12 @@ def write_archive(
     writer.writerow(["path", "label"])
     writer.writerows(labels)
     (truth / "labels.csv").write_text(buf.getvalue(), encoding="utf-8")
-    return SynthSummary(root=root, images=n, anomalous=n_anom, paths=[p for p, _ in labels])
+    if texture:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "defect"])
+        writer.writerows(sorted(defects.items()))
+        (truth / "defects.csv").write_text(buf.getvalue(), encoding="utf-8")
+    return SynthSummary(
+        root=root, images=n, anomalous=n_anom, paths=[p for p, _ in labels], defects=defects
+    )

