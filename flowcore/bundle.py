@@ -124,14 +124,21 @@ def _image_score_from_meta(d: Any, where: str) -> ImageScore:
     """The stored image statistic; bundles from before it existed (no key) score ``-p05``."""
     if d is None:
         return LEGACY_IMAGE_SCORE
-    if not isinstance(d, dict) or set(d) - {"statistic", "k", "defect_fraction"}:
-        raise BundleError(f"{where}: image_score must be a table of statistic, k, defect_fraction")
+    keys = {"statistic", "k", "defect_fraction", "two_sided", "centre", "spread"}
+    if not isinstance(d, dict) or set(d) - keys:
+        raise BundleError(f"{where}: image_score must be a table of {', '.join(sorted(keys))}")
     try:
-        k = d.get("k")
+        k, centre, spread = d.get("k"), d.get("centre"), d.get("spread")
+        two_sided = d.get("two_sided", False)
+        if not isinstance(two_sided, bool):
+            raise ValueError("two_sided must be true or false")
         return ImageScore(
             statistic=d.get("statistic", "neg_mean_k_lowest"),
             k=None if k is None else int(k),
             defect_fraction=float(d.get("defect_fraction", 0.001)),
+            two_sided=two_sided,
+            centre=None if centre is None else float(centre),
+            spread=None if spread is None else float(spread),
         )
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: image_score: {e}") from e

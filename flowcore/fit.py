@@ -102,6 +102,7 @@ class ScorerSpec:
     image_statistic: str = "neg_mean_k_lowest"
     image_k: int = 0
     defect_fraction: float = 0.001
+    image_two_sided: bool = False
     calibrate_by: str = ""
 
     def __post_init__(self) -> None:
@@ -129,20 +130,25 @@ class ScorerSpec:
             statistic=self.image_statistic,
             k=self.image_k or None,
             defect_fraction=self.defect_fraction,
+            two_sided=self.image_two_sided,
         )
 
 
 PRESETS: dict[str, ScorerSpec] = {
-    # full resolution, 46×46×3 windows, stride 8, top 100 principal components
+    # full resolution, 46×46×3 windows, stride 8, top 100 principal components and the
+    # residual energy beyond them (101 features)
     "grain-full": ScorerSpec(
-        featurizer=WindowConfig(window=46, stride=8, scale=1.0, components=100)
+        featurizer=WindowConfig(
+            window=46, stride=8, scale=1.0, components=100, residual_feature=True
+        )
     ),
     # 25 % scale, 11×11×3 = 363 dims, stride 2, no reduction
     "grain-quarter": ScorerSpec(
         featurizer=WindowConfig(window=11, stride=2, scale=0.25, components=None)
     ),
     # 11×11 windows at stride 4 in the context of the 46×46 window around each (one flow on
-    # 32 + 100 components), residuals of both: small defects, heatmap on the fine grid
+    # 32 + 100 components and the residual energy of each): small defects, heatmap on the
+    # fine grid
     "grain-multiscale": ScorerSpec(featurizer=MultiScaleConfig()),
     # resnet18 layer2 + layer3 (128 + 256 = 384 channels) at 50 % scale: a 29×40 grid of
     # 8-pixel cells on a 460×640 image; affine coupling (DifferNet-style soft clamp α = 3).
@@ -188,10 +194,9 @@ class FitReport:
 
 @torch.no_grad()
 def project_windows(feat: WindowFeaturizer, windows: torch.Tensor) -> torch.Tensor:
-    """Rows of flattened windows (n, 3·w·w) -> feature rows (n, k), the same affine map the
+    """Rows of flattened windows (n, 3·w·w) -> feature rows (n, features), the same map the
     convolution applies (tested equal)."""
-    weight, bias = feat.kernel()
-    return windows @ weight.reshape(weight.shape[0], -1).T + bias
+    return feat.project(windows)
 
 
 # The featurizer-generic steps of fitting. Each works on a few images at a time, so the Ray
@@ -350,10 +355,13 @@ class Calibrated:
     threshold: float
     heatmap_clip: tuple[float, float]
     calibration: Calibration | None = None
+    image_score: ImageScore | None = None  # with a two-sided score: its centre and spread
 
     def install(self, scorer: Scorer) -> None:
         scorer.threshold, scorer.heatmap_clip = self.threshold, self.heatmap_clip
         scorer.calibration = self.calibration
+        if self.image_score is not None:
+            scorer.image_score = self.image_score
 
 
 @torch.no_grad()
@@ -374,9 +382,19 @@ def calibrate(
     With ``by`` (a path column) and ``groups`` (each image's value of it, in order): every
     value with at least :data:`MIN_GROUP_IMAGES` held-out images gets an offset (its median
     score minus the global median) and a threshold (the ``quantile`` of its offset scores);
-    other values use the global threshold."""
+    other values use the global threshold.
+
+    A two-sided image score (``ImageScore.two_sided``) first gets its centre and spread: the
+    median and the scaled median absolute deviation (floored) of the statistic over these
+    images; the threshold is then a quantile of the two-sided scores. The scorer is not
+    changed: :meth:`Calibrated.install` does that."""
     scores, lls = [], []
     pending: list[np.ndarray] = []
+    fitted = scorer.image_score
+    if fitted.two_sided:
+        # score the raw statistic (one-sided) here; the two-sided transform comes after
+        fitted = replace(fitted, centre=None, spread=None)
+    keep, scorer.image_score = scorer.image_score, fitted
 
     def flush() -> None:
         if pending:
@@ -385,18 +403,30 @@ def calibrate(
             lls.append(sb.grid.reshape(-1))
             pending.clear()
 
-    for img in images:
-        if pending and (img.shape != pending[0].shape or len(pending) >= batch):
-            flush()
-        pending.append(img)
-    flush()
+    try:
+        for img in images:
+            if pending and (img.shape != pending[0].shape or len(pending) >= batch):
+                flush()
+            pending.append(img)
+        flush()
+    finally:
+        scorer.image_score = keep
     if not scores:
         raise ValueError("calibration needs at least one held-out image")
     s = np.concatenate(scores).astype(np.float64)
     ll = np.concatenate(lls)
     lo, hi = np.quantile(ll, [0.001, 0.05])
     finite = np.nan_to_num(s, nan=np.inf).clip(-1e30, 1e30)
-    out = Calibrated(float(np.quantile(finite, quantile)), (float(lo), float(hi)))
+    image_score = None
+    if fitted.two_sided:
+        centre = float(np.median(finite))
+        mad = 1.4826 * float(np.median(np.abs(finite - centre)))
+        spread = max(mad, 1e-6 * max(1.0, abs(centre)))
+        image_score = replace(fitted, centre=centre, spread=spread)
+        finite = np.abs(finite - centre) / spread
+    out = Calibrated(
+        float(np.quantile(finite, quantile)), (float(lo), float(hi)), image_score=image_score
+    )
     if by:
         if groups is None or len(groups) != len(s):
             raise ValueError(f"calibration by {by!r} needs one value per held-out image")
@@ -493,6 +523,7 @@ _SCALARS = (
     "image_statistic",
     "image_k",
     "defect_fraction",
+    "image_two_sided",
     "calibrate_by",
 )
 

@@ -71,7 +71,7 @@ def featurizer_flops(featurizer: FeaturizerModule, height: int, width: int) -> i
         return featurizer_flops(featurizer.fine, h, w) + featurizer_flops(featurizer.coarse, h, w)
     cfg = featurizer.cfg
     gh, gw = grid_shape(height, width, cfg)
-    return 2 * gh * gw * cfg.dims * cfg.features
+    return 2 * gh * gw * cfg.dims * cfg.kept
 
 
 def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:

@@ -7,9 +7,10 @@ around it as context, for defects smaller than a coarse window.
 
 One flow models the joint vector, so a cell's log-likelihood is that of its small window *in
 its context*: a spot that is normal somewhere (a dark kernel edge) but not here scores low.
-The heatmap is on the fine grid (:attr:`MultiScaleFeaturizer.geometry`). With ``residual``
-each scale adds its probabilistic-PCA residual (:mod:`flowcore.windows`), the coarse one
-resampled like its features.
+The heatmap is on the fine grid (:attr:`MultiScaleFeaturizer.geometry`). Each scale's
+options apply as in :mod:`flowcore.windows`: ``residual_feature`` (on by default) gives the
+flow each scale's residual energy, ``residual`` adds each scale's probabilistic-PCA residual
+density (the coarse one resampled like its features).
 
 This is the "fine grid beside the coarse one" of the detection issue, built as one joint
 density rather than two flows whose standardised scores are averaged: one flow, one
@@ -43,7 +44,8 @@ class MultiScaleConfig:
     fine_components: int = 32
     scale: float = 1.0
     whiten: bool = True
-    residual: bool = True
+    residual: bool = False
+    residual_feature: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.fine_window < self.window:
@@ -59,6 +61,7 @@ class MultiScaleConfig:
             components=self.components,
             whiten=self.whiten,
             residual=self.residual,
+            residual_feature=self.residual_feature,
         )
 
     @property
@@ -69,6 +72,7 @@ class MultiScaleConfig:
             components=self.fine_components,
             whiten=self.whiten,
             residual=self.residual,
+            residual_feature=self.residual_feature,
         )
 
     @property
@@ -83,7 +87,7 @@ class MultiScaleConfig:
 
     @property
     def features(self) -> int:
-        return self.fine_components + self.components
+        return self.fine_config.features + self.coarse_config.features
 
 
 def split_rows(rows: Tensor, cfg: MultiScaleConfig) -> tuple[Tensor, Tensor]:
@@ -163,11 +167,7 @@ class MultiScaleFeaturizer(nn.Module):
         """Raw coarse windows (n, 3·w·w) -> joint feature rows (n, k_fine + k_coarse): the
         fine window at the centre and the coarse window, each projected."""
         fine, coarse = split_rows(rows, self.cfg)
-        out = []
-        for feat, r in ((self.fine, fine), (self.coarse, coarse)):
-            weight, bias = feat.kernel()
-            out.append(r @ weight.reshape(weight.shape[0], -1).T + bias)
-        return torch.cat(out, dim=1)
+        return torch.cat([self.fine.project(fine), self.coarse.project(coarse)], dim=1)
 
 
 def fit_multiscale(rows: Tensor, cfg: MultiScaleConfig, seed: int = 0) -> MultiScaleFeaturizer:

@@ -117,6 +117,9 @@ class ImageScore:
     statistic: str = "neg_mean_k_lowest"
     k: int | None = None
     defect_fraction: float = 0.001
+    two_sided: bool = False
+    centre: float | None = None
+    spread: float | None = None
 
     def __post_init__(self) -> None:
         if self.statistic not in STATISTICS:
@@ -125,6 +128,22 @@ class ImageScore:
             raise ValueError(f"image score k must be in [1, 1000000], got {self.k}")
         if not 0 < self.defect_fraction < 1:
             raise ValueError(f"defect_fraction must be in (0, 1), got {self.defect_fraction}")
+        for name in ("centre", "spread"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"image score {name} must be finite, got {v}")
+        if self.spread is not None and self.spread <= 0:
+            raise ValueError(f"image score spread must be > 0, got {self.spread}")
+
+    def apply(self, raw: Tensor) -> Tensor:
+        """The statistic's raw values -> anomaly scores: unchanged, or for a two-sided
+        (typicality) score ``|raw - centre| / spread``, so an image whose windows are all
+        *more* likely than normal images' (less contrast, a flattened texture) is as
+        atypical as one with a low tail. Before :func:`flowcore.fit.calibrate` has set the
+        centre and spread of held-out normal images, two-sided scores are the raw ones."""
+        if not self.two_sided or self.centre is None or self.spread is None:
+            return raw
+        return (raw - self.centre).abs() / self.spread
 
     def k_for(self, gh: int, gw: int, geometry: Geometry) -> int:
         """k for a (gh, gw) grid."""
@@ -133,7 +152,14 @@ class ImageScore:
         return windows_covering(self.defect_fraction, gh, gw, geometry)
 
     def as_dict(self) -> dict[str, object]:
-        return {"statistic": self.statistic, "k": self.k, "defect_fraction": self.defect_fraction}
+        return {
+            "statistic": self.statistic,
+            "k": self.k,
+            "defect_fraction": self.defect_fraction,
+            "two_sided": self.two_sided,
+            "centre": self.centre,
+            "spread": self.spread,
+        }
 
 
 LEGACY_IMAGE_SCORE = ImageScore("neg_p05")
@@ -195,6 +221,8 @@ def summarize(
         out["anomaly_score"] = -out["ll_min"]
     else:  # p50_minus_p01
         out["anomaly_score"] = out["p50"] - out["p01"]
+    if image_score is not None:
+        out["anomaly_score"] = image_score.apply(out["anomaly_score"])
     return out
 
 

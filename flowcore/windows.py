@@ -103,6 +103,10 @@ class WindowConfig:
     complexity: bool = False
     """Subtract a generic complexity model's log-likelihood from each window's (see the
     module docstring)."""
+    residual_feature: bool = False
+    """Give the flow one more feature: the standardised log of the window's residual energy
+    ``r`` (what the top k components leave of it), so that it learns how much detail
+    beyond them each kind of normal window carries (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.stride < 1:
@@ -118,14 +122,24 @@ class WindowConfig:
         return 3 * self.window * self.window
 
     @property
-    def features(self) -> int:
-        """Length of a feature vector."""
+    def kept(self) -> int:
+        """Principal components kept (k)."""
         return self.dims if self.components is None else self.components
+
+    @property
+    def features(self) -> int:
+        """Length of a feature vector: the k components, and the residual energy feature."""
+        return self.kept + int(self.has_residual_feature)
 
     @property
     def has_residual(self) -> bool:
         """Whether the window density has a residual term (``residual`` and k < d)."""
-        return self.residual and self.features < self.dims
+        return self.residual and self.kept < self.dims
+
+    @property
+    def has_residual_feature(self) -> bool:
+        """Whether the flow sees the residual energy (``residual_feature`` and k < d)."""
+        return self.residual_feature and self.kept < self.dims
 
 
 def to_tensor(
@@ -179,11 +193,12 @@ class WindowFeaturizer(nn.Module):
     inv_scale: Tensor
     residual_var: Tensor
     complexity_scale: Tensor
+    residual_feature_stats: Tensor
 
     def __init__(self, cfg: WindowConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        d, k = cfg.dims, cfg.features
+        d, k = cfg.dims, cfg.kept
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("basis", torch.eye(d)[:, :k].contiguous())
         self.register_buffer("inv_scale", torch.ones(k))
@@ -193,6 +208,9 @@ class WindowFeaturizer(nn.Module):
         if cfg.complexity:
             # b of the generic model's Laplace prediction errors
             self.register_buffer("complexity_scale", torch.ones(1))
+        if cfg.has_residual_feature:
+            # mean and 1/std of log(r + floor) over the training windows
+            self.register_buffer("residual_feature_stats", torch.tensor([0.0, 1.0]))
 
     @property
     def geometry(self) -> Geometry:
@@ -206,11 +224,13 @@ class WindowFeaturizer(nn.Module):
         inv_scale: Tensor,
         residual_var: float | None = None,
         complexity_scale: float | None = None,
+        residual_feature_stats: tuple[float, float] | None = None,
     ) -> None:
         """Install a fitted basis (shapes (d,), (d, k), (k,)) and, for a residual model, the
         variance σ² > 0 of each discarded dimension; with the complexity correction, the
-        generic model's Laplace scale b > 0."""
-        d, k = self.cfg.dims, self.cfg.features
+        generic model's Laplace scale b > 0; with the residual feature, the (mean, 1/std)
+        of the log residual energy."""
+        d, k = self.cfg.dims, self.cfg.kept
         if mean.shape != (d,) or basis.shape != (d, k) or inv_scale.shape != (k,):
             raise ValueError(f"basis shapes must be ({d},), ({d}, {k}), ({k},)")
         if self.cfg.has_residual and not (residual_var is not None and residual_var > 0):
@@ -227,6 +247,10 @@ class WindowFeaturizer(nn.Module):
             if self.cfg.complexity:
                 assert complexity_scale is not None
                 self.complexity_scale.fill_(float(complexity_scale))
+            if self.cfg.has_residual_feature:
+                if residual_feature_stats is None:
+                    raise ValueError("the residual feature needs its (mean, 1/std)")
+                self.residual_feature_stats.copy_(torch.tensor(residual_feature_stats))
 
     def kernel(self) -> tuple[Tensor, Tensor]:
         """The folded convolution: weight (k, 3, w, w) and bias (k,). Recomputed per call: it
@@ -236,8 +260,43 @@ class WindowFeaturizer(nn.Module):
         return weight, -(self.mean @ proj)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.cfg.has_residual_feature:
+            return self.featurize(x)[0]
         weight, bias = self.kernel()
         return F.conv2d(resize(x, self.cfg.scale), weight, bias, stride=self.cfg.stride)
+
+    def residual_energy(self, xs: Tensor, feats: Tensor) -> Tensor:
+        """``r = ‖x - mean‖² - ‖Pᵀ(x - mean)‖²`` of every window of resized images ``xs``
+        whose k projected (whitened) components are ``feats`` (N, k, gh, gw): (N, gh, gw)."""
+        w = self.cfg.window
+        mean = self.mean.view(3, w, w)
+        # shift each channel by a constant so the sums of squares stay small in float32
+        c = mean.mean(dim=(1, 2))
+        y = xs - c.view(1, 3, 1, 1).to(xs.dtype)
+        m = (mean - c.view(3, 1, 1)).to(xs.dtype)
+        weight = torch.cat([-2.0 * m, torch.ones_like(m)]).unsqueeze(0)  # (1, 6, w, w)
+        sq = F.conv2d(torch.cat([y, y * y], dim=1), weight, stride=self.cfg.stride)[:, 0]
+        total = sq + m.square().sum()  # ‖x - mean‖² per window
+        var_k = self.inv_scale.reciprocal().square().to(feats.dtype)  # unwhitening
+        kept = torch.einsum("nkhw,k->nhw", feats.square(), var_k)  # ‖Pᵀ(x - mean)‖²
+        return (total - kept).clamp_min(0)
+
+    def residual_feature(self, r: Tensor) -> Tensor:
+        """Residual energies -> the standardised feature ``(log(r + floor) - mean) / std``."""
+        m, inv = self.residual_feature_stats.to(r.dtype)
+        return (torch.log(r + _energy_floor(self.cfg)) - m) * inv
+
+    def project(self, rows: Tensor) -> Tensor:
+        """Flattened windows (n, 3·w·w) -> feature rows (n, features): the same map as the
+        convolution sweep (tested equal), the residual feature included."""
+        weight, bias = self.kernel()
+        a = rows @ weight.reshape(weight.shape[0], -1).T + bias
+        if not self.cfg.has_residual_feature:
+            return a
+        xc = rows - self.mean
+        var_k = self.inv_scale.reciprocal().square()
+        r = (xc.square().sum(1) - (a.square() * var_k).sum(1)).clamp_min(0)
+        return torch.cat([a, self.residual_feature(r)[:, None]], dim=1)
 
     def featurize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(N, 3, H, W) -> the (N, k, gh, gw) features and, for a residual model, the
@@ -248,6 +307,9 @@ class WindowFeaturizer(nn.Module):
         weight, bias = self.kernel()
         feats = F.conv2d(xs, weight, bias, stride=self.cfg.stride)
         extra = self.residual_log_prob(xs, feats) if self.cfg.has_residual else None
+        if self.cfg.has_residual_feature:
+            r = self.residual_energy(xs, feats)
+            feats = torch.cat([feats, self.residual_feature(r)[:, None]], dim=1)
         if self.cfg.complexity:
             generic = self.generic_log_prob(xs)
             extra = -generic if extra is None else extra - generic
@@ -267,21 +329,17 @@ class WindowFeaturizer(nn.Module):
     def residual_log_prob(self, xs: Tensor, feats: Tensor) -> Tensor:
         """Log-density terms outside the flow for the windows of already-resized images ``xs``
         (N, 3, H', W') whose features are ``feats`` (N, k, gh, gw): (N, gh, gw)."""
-        w, d, k = self.cfg.window, self.cfg.dims, self.cfg.features
-        mean = self.mean.view(3, w, w)
-        # shift each channel by a constant so the sums of squares stay small in float32
-        c = mean.mean(dim=(1, 2))
-        y = xs - c.view(1, 3, 1, 1).to(xs.dtype)
-        m = (mean - c.view(3, 1, 1)).to(xs.dtype)
-        weight = torch.cat([-2.0 * m, torch.ones_like(m)]).unsqueeze(0)  # (1, 6, w, w)
-        sq = F.conv2d(torch.cat([y, y * y], dim=1), weight, stride=self.cfg.stride)[:, 0]
-        total = sq + m.square().sum()  # ‖x - mean‖² per window
-        var_k = self.inv_scale.reciprocal().square().to(feats.dtype)  # unwhitening
-        kept = torch.einsum("nkhw,k->nhw", feats.square(), var_k)  # ‖Pᵀ(x - mean)‖²
-        r = (total - kept).clamp_min(0)
+        d, k = self.cfg.dims, self.cfg.kept
+        r = self.residual_energy(xs, feats[:, :k])
         s2 = self.residual_var.to(r.dtype)
         const = self.inv_scale.log().sum() - 0.5 * (d - k) * torch.log(2 * math.pi * s2)
         return const.to(r.dtype) - r / (2 * s2)
+
+
+def _energy_floor(cfg: WindowConfig) -> float:
+    """Residual energy of 8-bit quantisation noise alone over one window: the floor under
+    ``log r`` (a perfectly flat window would otherwise give log 0)."""
+    return 3 * cfg.window**2 * QUANTISATION_VARIANCE
 
 
 def prediction_errors(x: Tensor) -> Tensor:
@@ -376,7 +434,7 @@ def fit_window_featurizer(windows: Tensor, cfg: WindowConfig, seed: int = 0) -> 
         # the mean eigenvalue of the d - k discarded directions (their variance is what the
         # top k leave of the trace), floored like the components
         left = max(total_var - float(var.sum()), 0.0)
-        residual_var = max(left / (cfg.dims - cfg.features), QUANTISATION_VARIANCE)
+        residual_var = max(left / (cfg.dims - cfg.kept), QUANTISATION_VARIANCE)
     complexity_scale = None
     if cfg.complexity:
         # maximum-likelihood Laplace scale: the mean |error| inside the windows (a window's
@@ -386,6 +444,13 @@ def fit_window_featurizer(windows: Tensor, cfg: WindowConfig, seed: int = 0) -> 
         complexity_scale = max(float(err.abs().mean()), 0.5 / 255.0) if err.numel() else 1.0
     var = var.clamp_min(QUANTISATION_VARIANCE)
     inv_scale = torch.rsqrt(var) if cfg.whiten else torch.ones_like(var)
+    stats = None
+    if cfg.has_residual_feature:
+        r = (xc.square().sum(1) - (xc @ basis).square().sum(1)).clamp_min(0)
+        lr = torch.log(r + _energy_floor(cfg))
+        stats = (float(lr.mean()), 1.0 / max(float(lr.std()), 1e-3))
     feat = WindowFeaturizer(cfg)
-    feat.set_basis(mean.float(), basis.float(), inv_scale.float(), residual_var, complexity_scale)
+    feat.set_basis(
+        mean.float(), basis.float(), inv_scale.float(), residual_var, complexity_scale, stats
+    )
     return feat

@@ -40,8 +40,9 @@ import torch
 from flowcore.fit import PRESETS
 from flowcore.flops import flops_per_image
 from flowcore.flows import build_flow
+from flowcore.multiscale import MultiScaleConfig, MultiScaleFeaturizer
 from flowcore.scorer import Scorer
-from flowcore.windows import WindowFeaturizer, grid_shape, resize, to_tensor
+from flowcore.windows import WindowConfig, WindowFeaturizer, grid_shape, resize, to_tensor
 
 __all__ = [
     "random_scorer",
@@ -56,16 +57,41 @@ __all__ = [
 Log = Callable[[str], None]
 
 
+def _random_windows(cfg: WindowConfig, gen: torch.Generator) -> WindowFeaturizer:
+    q, _ = torch.linalg.qr(torch.randn(cfg.dims, cfg.kept, generator=gen))
+    feat = WindowFeaturizer(cfg)
+    feat.set_basis(
+        torch.full((cfg.dims,), 0.5),
+        q,
+        torch.full((cfg.kept,), 4.0),
+        residual_var=1e-3 if cfg.has_residual else None,
+        complexity_scale=0.02 if cfg.complexity else None,
+        residual_feature_stats=(0.0, 1.0) if cfg.has_residual_feature else None,
+    )
+    return feat
+
+
 def random_scorer(preset: str, seed: int = 0) -> Scorer:
     """The preset's scorer with a random orthonormal basis and a fresh flow."""
     spec = PRESETS[preset]
     cfg = spec.featurizer
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(cfg.dims, cfg.features, generator=gen))
-    feat = WindowFeaturizer(cfg)
-    feat.set_basis(torch.full((cfg.dims,), 0.5), q, torch.full((cfg.features,), 4.0))
-    return Scorer(feat, build_flow(cfg.features, spec.flow), flow_config=spec.flow).eval()
+    feat: WindowFeaturizer | MultiScaleFeaturizer
+    if isinstance(cfg, MultiScaleConfig):
+        feat = MultiScaleFeaturizer(cfg)
+        feat.fine = _random_windows(cfg.fine_config, gen)
+        feat.coarse = _random_windows(cfg.coarse_config, gen)
+    elif isinstance(cfg, WindowConfig):
+        feat = _random_windows(cfg, gen)
+    else:
+        raise ValueError(f"bench builds window presets only, not {preset!r}")
+    return Scorer(
+        feat,
+        build_flow(cfg.features, spec.flow),
+        flow_config=spec.flow,
+        image_score=spec.image_score,
+    ).eval()
 
 
 def _best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -99,8 +125,11 @@ def gemm_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
 def naive_row_loop(scorer: Scorer, image: np.ndarray, rows: int) -> tuple[float, int]:
     """The research code's sweep on the first ``rows`` heatmap rows of one image: crop each
     window of a row one by one, project, one flow call per row. Returns (seconds, gh)."""
-    cfg = scorer.featurizer.cfg
     f = scorer.featurizer
+    if isinstance(f, MultiScaleFeaturizer):
+        f = f.coarse  # the reference has one scale: time its coarse sweep
+    assert isinstance(f, WindowFeaturizer)
+    cfg = f.cfg
     x = resize(to_tensor(image[None], scorer.device), cfg.scale)[0]
     gh, gw = grid_shape(image.shape[0], image.shape[1], cfg)
     w, s = cfg.window, cfg.stride
@@ -366,7 +395,7 @@ def run_bench(
         "stride": cfg.stride,
         "scale": cfg.scale,
         "components": cfg.features,
-        "grid": list(grid_shape(height, width, cfg)),
+        "grid": list(scorer.log_likelihood_grid(imgs[:1]).shape[1:]),
         "windows_per_image": fl["windows"],
         "flow": type(scorer.flow_config).__name__.removesuffix("Config").lower(),
         "threads": torch.get_num_threads(),

@@ -127,7 +127,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     from pipelines.archive import ArchiveError, DecodeError, decode_image, list_archive, read_bytes
     from pipelines.evaluation import METHODS, Evaluator, fit_baselines, format_table, image_auroc
     from pipelines.paths import flowscore_home
-    from pipelines.truth import read_labels, read_mask
+    from pipelines.truth import read_defects, read_labels, read_mask
 
     t0 = time.perf_counter()
     # ground truth first: nothing to do without it
@@ -172,6 +172,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     by = scorer.calibration.by if scorer.calibration else None
     flow_scores: list[float] = []
     columns: list[dict[str, str]] = []
+    used_entries: list[Any] = []
     used_labels: list[int] = []
     log(f"scoring {len(entries)} labelled images ({n_anom} anomalous) with every method")
     pending: list[tuple[Any, np.ndarray]] = []
@@ -197,6 +198,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
         raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
         flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
         columns.extend(e.columns for e, _ in pending)
+        used_entries.extend(e for e, _ in pending)
         used_labels.extend(labs)
         pending.clear()
 
@@ -232,6 +234,15 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
                 v: image_auroc(sc[idx], lab[idx]) for v, idx in sorted(groups.items())
             }
     report["flow_image_auroc_by"] = by_column
+    # by kind of defect, where the archive says (normal images against each kind's)
+    defects = read_defects(req.archive)
+    paths = [e.path for e in used_entries]
+    by_defect: dict[str, float | None] = {}
+    for kind in sorted({defects[p] for p in paths if p in defects}):
+        idx = [i for i, p in enumerate(paths) if lab[i] == 0 or defects.get(p) == kind]
+        by_defect[kind] = image_auroc(sc[idx], lab[idx])
+    if by_defect:
+        report["flow_image_auroc_by_defect"] = by_defect
     report["skipped"] = skipped
 
     out_dir = (
@@ -254,7 +265,9 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
         Path(req.json_path).write_text(json.dumps(report, indent=2) + "\n")
 
     print(format_table(result))
-    for key, vals in by_column.items():
+    for key, vals in [*by_column.items(), ("defect", by_defect)]:
+        if not vals:
+            continue
         shown = ", ".join(f"{v}: {'—' if a is None else f'{a:.3f}'}" for v, a in vals.items())
         print(f"flow image AUROC by {key}: {shown}")
     log(f"ROC curves: {', '.join(str(p) for p in pngs)}")

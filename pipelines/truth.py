@@ -1,5 +1,7 @@
-"""Ground truth of an archive: ``_truth/labels.csv`` (``path,label``) and
-``_truth/masks/<path with extension .png>`` (non-zero = anomalous pixel)."""
+"""Ground truth of an archive: ``_truth/labels.csv`` (``path,label``),
+``_truth/masks/<path with extension .png>`` (non-zero = anomalous pixel) and, optionally,
+``_truth/defects.csv`` (``path,defect``: the kind of each anomalous image's defect, as
+``synth --kind texture`` writes, so that evaluation can be split by kind)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from .archive import ArchiveError, open_archive
 
-__all__ = ["read_labels", "read_mask", "mask_path"]
+__all__ = ["read_labels", "read_defects", "read_mask", "mask_path"]
 
 
 def mask_path(path: str) -> str:
@@ -43,6 +45,19 @@ def read_labels(uri: str) -> dict[str, int]:
             raise ArchiveError(f"{uri}/_truth/labels.csv line {line}: label must be 0 or 1")
         out[row["path"]] = label
     return out
+
+
+def read_defects(uri: str) -> dict[str, str]:
+    """{relative path: defect kind} from ``_truth/defects.csv``; {} when there is none."""
+    fs, root = open_archive(uri)
+    target = f"{root.rstrip('/')}/_truth/defects.csv"
+    if not fs.exists(target):
+        return {}
+    with fs.open(target, "rb") as f:
+        reader = csv.DictReader(io.StringIO(f.read().decode("utf-8")))
+        if reader.fieldnames is None or not {"path", "defect"} <= set(reader.fieldnames):
+            raise ArchiveError(f"{uri}/_truth/defects.csv: needs the header 'path,defect'")
+        return {row["path"]: row["defect"] for row in reader if row.get("defect")}
 
 
 def read_mask(uri: str, path: str) -> np.ndarray | None:

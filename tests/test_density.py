@@ -365,3 +365,54 @@ def test_generic_model_matches_an_explicit_computation_and_ranks_flat_windows_li
     _, extra = feat.featurize(to_tensor(flat, dtype=torch.float64))
     assert extra is not None
     torch.testing.assert_close(extra, -feat.generic_log_prob(to_tensor(flat, dtype=torch.float64)))
+
+
+def test_a_two_sided_score_flags_images_more_likely_than_normal_ones() -> None:
+    sc = _tiny_scorer()
+    sc.image_score = ImageScore(statistic="neg_mean_k_lowest", k=4, two_sided=True)
+    rng = np.random.default_rng(2)
+    normal = [rng.integers(60, 200, (16, 16, 3), dtype=np.uint8) for _ in range(12)]
+    cal = calibrate(sc, iter(normal), 0.95)
+    assert cal.image_score is not None and cal.image_score.spread is not None
+    raw = np.array(
+        [-np.sort(sc.log_likelihood_grid(i[None]).reshape(-1).numpy())[:4].mean() for i in normal]
+    )
+    assert cal.image_score.centre == pytest.approx(float(np.median(raw)), rel=1e-5)
+    assert sc.image_score.centre is None  # calibrate reports; install changes the scorer
+    cal.install(sc)
+    flat = np.full((1, 16, 16, 3), 128, np.uint8)  # far from normal on the likely side
+    noisy = rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+    one_sided = ImageScore(statistic="neg_mean_k_lowest", k=4)
+    for odd in (flat, noisy):
+        s_raw = float(
+            summarize(sc.log_likelihood_grid(odd), sc.geometry, one_sided)["anomaly_score"][0]
+        )
+        got = sc.score(odd)
+        want = abs(s_raw - cal.image_score.centre) / cal.image_score.spread
+        assert float(got.summary["anomaly_score"][0]) == pytest.approx(want, rel=1e-4)
+
+
+def test_the_residual_feature_is_the_same_in_the_sweep_and_in_training_rows() -> None:
+    from flowcore.windows import extract_windows
+
+    cfg = WindowConfig(window=6, stride=2, components=5, residual_feature=True)
+    assert cfg.features == 6 and cfg.kept == 5
+    x = to_tensor(textured(2, 30, 34, seed=6), dtype=torch.float64)
+    rows = extract_windows(x, cfg)
+    feat = fit_window_featurizer(rows.float(), cfg).double()
+    sweep = feat(x)  # (2, 6, gh, gw)
+    gh, gw = sweep.shape[-2:]
+    want = feat.project(rows).view(2, gh, gw, 6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(sweep, want)
+    # the last feature is the standardised log residual energy, by hand for one window
+    xc = rows[7] - feat.mean
+    a = feat.basis.T @ xc
+    r = float(xc @ xc - a @ a)
+    m, inv = feat.residual_feature_stats.tolist()
+    floor = 3 * 36 / (12 * 255.0**2)
+    assert float(want.permute(0, 2, 3, 1).reshape(-1, 6)[7, 5]) == pytest.approx(
+        (math.log(r + floor) - m) * inv, rel=1e-6
+    )
+    # on the fitting windows it is standardised
+    f = feat.project(rows)[:, 5]
+    assert abs(float(f.mean())) < 1e-6 and float(f.std()) == pytest.approx(1.0, rel=1e-3)

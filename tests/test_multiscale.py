@@ -35,19 +35,21 @@ def test_training_rows_and_the_scoring_sweep_are_the_same_map() -> None:
     x = to_tensor(images(2, 20, 24), dtype=torch.float64)
     rows = extract_windows(x, cfg.sampling_config).float()
     feat = fit_multiscale(rows, cfg).double()
-    got = feat(x)  # (2, 10, gh_fine, gw_fine)
+    got = feat(x)  # (2, 5 + 7, gh_fine, gw_fine): each scale's components + residual energy
+    d = cfg.features
+    assert d == 12
     gh, gw = grid_shape(20, 24, cfg.fine_config)
-    assert got.shape == (2, 10, gh, gw)
+    assert got.shape == (2, d, gh, gw)
     coarse_rows = extract_windows(x, cfg.sampling_config)  # row-major coarse cells
     cgh, cgw = grid_shape(20, 24, cfg.coarse_config)
-    want = feat.project(coarse_rows).view(2, cgh, cgw, 10)
+    want = feat.project(coarse_rows).view(2, cgh, cgw, d)
     for n in range(2):
         for i in range(2, 2 + cgh):
             for j in range(2, 2 + cgw):
                 torch.testing.assert_close(got[n, :, i, j], want[n, i - 2, j - 2])
     # the fine half is the plain projection of the fine window at every cell, edges included
     fine_only = feat.fine(x)
-    torch.testing.assert_close(got[:, :4], fine_only)
+    torch.testing.assert_close(got[:, :5], fine_only)
 
 
 def test_split_rows_takes_the_centre() -> None:
@@ -73,7 +75,7 @@ def test_a_multiscale_scorer_fits_scores_round_trips_and_counts_its_flops(tmp_pa
     assert spec_from_dict(spec_to_dict(spec)) == spec
     sc, _ = fit_scorer(list(imgs[:4]), list(imgs[4:]), spec)
     gen = torch.Generator().manual_seed(0)
-    assert feature_rows(sc.featurizer, spec, [imgs[0]], 5, gen).shape == (5, 12)
+    assert feature_rows(sc.featurizer, spec, [imgs[0]], 5, gen).shape == (5, 14)
     sb = sc.score(imgs[:2])
     assert sb.grid.shape == (2, *grid_shape(60, 72, spec.featurizer.fine_config))
     assert sc.geometry.window == 6 and sc.geometry.stride == 2

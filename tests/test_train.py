@@ -166,6 +166,13 @@ def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = root / "eval.json"
+    # a kind for each anomalous image, as synth --kind texture writes: evaluate splits by it
+    labels = (archive / "_truth" / "labels.csv").read_text().splitlines()[1:]
+    bad = [p for p, lab in (line.rsplit(",", 1) for line in labels) if lab == "1"]
+    kinds = {p: "first" if i % 2 == 0 else "second" for i, p in enumerate(sorted(bad))}
+    (archive / "_truth" / "defects.csv").write_text(
+        "path,defect\n" + "".join(f"{p},{k}\n" for p, k in kinds.items())
+    )
     code = main(
         [
             "evaluate",
@@ -192,6 +199,17 @@ def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
             assert v is not None and 0.0 <= v <= 1.0
     # the synthetic anomalies are large and colourful: the flow's heatmap finds them
     assert rep["pixel_auroc"]["flow"] > 0.8
+    # the model's own statistic, and the flow's AUROC under every candidate statistic
+    stat = rep["image_statistic"]
+    assert (
+        stat
+        == load_bundle(tracking.resolve_model("models:/grain-test/1").path).image_score.statistic
+    )
+    by_stat = rep["image_auroc_by_statistic"]
+    assert set(by_stat) >= {"neg_p05", "neg_p01", "neg_min", "neg_mean_k_lowest", "p50_minus_p01"}
+    assert by_stat[stat] == pytest.approx(rep["image_auroc"]["flow"])
+    # split by kind of defect: each kind against all normal images, both kinds present
+    assert set(rep["flow_image_auroc_by_defect"]) == set(kinds.values())
     assert (root / "eval" / "roc_image.png").is_file()
     assert (root / "eval" / "roc_pixel.png").is_file()
     table = capsys.readouterr().out
