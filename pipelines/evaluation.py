@@ -7,8 +7,9 @@ each window's feature vector. Grids are then summarised exactly like the flow's 
 
 - image score = the model's image statistic of the grid (:class:`flowcore.scorer.ImageScore`,
   e.g. minus the mean of the k lowest windows), the same for the flow and every baseline; the
-  flow's own score also takes the model's per-group offsets where it was calibrated by a
-  path column, as its ``anomaly_score`` in the tables does. Beside it, the flow's image AUROC
+  flow's own score also takes the model's two-sided transform and per-group offsets where it
+  has them, as its ``anomaly_score`` in the tables does (the baselines have no held-out
+  images to fit those on). Beside it, the flow's image AUROC
   for every candidate statistic (``image_auroc_by_statistic``), so a user sees why the model's
   choice is what it is;
 - pixel map = :func:`flowcore.scorer.heatmap_to_image` of the *negated* grid (higher = more
@@ -592,6 +593,9 @@ class Evaluator:
             if m == "flow":
                 for k, v in st.items():
                     self._flow_stats[k].append(v)
+                # a two-sided score's centre and spread were fitted on the flow's held-out
+                # images: the flow's own score uses them, the baselines' stay one-sided
+                score = self.image_score.apply(torch.from_numpy(score)).numpy()
                 cal = self.calibration
                 if cal is not None and groups is not None:
                     off = [cal.offsets.get(g, 0.0) if g is not None else 0.0 for g in groups]

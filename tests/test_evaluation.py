@@ -331,3 +331,27 @@ def test_save_roc_curves_writes_png(tmp_path):
         im.verify()
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_a_two_sided_model_is_evaluated_two_sided_and_baselines_one_sided():
+    from flowcore.scorer import ImageScore
+
+    rng = np.random.default_rng(4)
+    gh = gw = (H - GEOM.window) // GEOM.stride + 1
+    grids = rng.normal(0.0, 1.0, (20, gh, gw)).astype(np.float32)
+    grids[10:] *= 0.2  # anomalous images: every window *more* likely (less contrast)
+    labels = [0] * 10 + [1] * 10
+    one = ImageScore(statistic="neg_min")
+    raw = -grids.reshape(20, -1).min(1)
+    two = ImageScore(
+        statistic="neg_min", two_sided=True, centre=float(np.median(raw[:10])), spread=0.5
+    )
+    results = {}
+    for name, image_score in (("one", one), ("two", two)):
+        ev = Evaluator({}, GEOM, image_score=image_score, pixels=False)
+        ev.add(grids, None, labels, [None] * 20, H, W)
+        results[name] = ev.result()
+    assert results["one"].methods["flow"].image_auroc < 0.1  # fooled: they look *more* normal
+    assert results["two"].methods["flow"].image_auroc > 0.9
+    # the per-statistic figures are the raw (one-sided) statistics either way
+    assert results["two"].by_statistic == results["one"].by_statistic
