@@ -82,8 +82,7 @@ def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
     if isinstance(feat, CNNFeaturizer):
         gh, gw = cnn_grid_shape(height, width, feat.cfg)
     elif isinstance(feat, MultiScaleFeaturizer):
-        h, w = scaled_size(height, width, feat.cfg.scale)
-        gh, gw = grid_shape(h, w, feat.cfg.fine_config)
+        gh, gw = feat.grid_shape(height, width)
     else:
         gh, gw = grid_shape(height, width, feat.cfg)
     windows = gh * gw

@@ -26,9 +26,9 @@ def images(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_training_rows_and_the_scoring_sweep_are_the_same_map() -> None:
-    """With both strides 1, fine cell (i, j) is centred exactly on coarse cell (i-2, j-2) of
-    7×7 windows around 3×3 ones: its joint feature must equal the projection of that coarse
-    window's training row (fine centre + coarse window)."""
+    """With both strides 1, 7×7 windows around 3×3 ones: the grid starts 2 fine cells in,
+    where cell (i, j) is centred exactly on coarse cell (i, j), and its joint feature must
+    equal the projection of that coarse window (its centre + itself)."""
     cfg = MultiScaleConfig(
         window=7, stride=1, components=6, fine_window=3, fine_stride=1, fine_components=4
     )
@@ -38,18 +38,17 @@ def test_training_rows_and_the_scoring_sweep_are_the_same_map() -> None:
     got = feat(x)  # (2, 5 + 7, gh_fine, gw_fine): each scale's components + residual energy
     d = cfg.features
     assert d == 12
-    gh, gw = grid_shape(20, 24, cfg.fine_config)
-    assert got.shape == (2, d, gh, gw)
-    coarse_rows = extract_windows(x, cfg.sampling_config)  # row-major coarse cells
+    assert feat.first_cell == 2
     cgh, cgw = grid_shape(20, 24, cfg.coarse_config)
-    want = feat.project(coarse_rows).view(2, cgh, cgw, d)
-    for n in range(2):
-        for i in range(2, 2 + cgh):
-            for j in range(2, 2 + cgw):
-                torch.testing.assert_close(got[n, :, i, j], want[n, i - 2, j - 2])
-    # the fine half is the plain projection of the fine window at every cell, edges included
-    fine_only = feat.fine(x)
-    torch.testing.assert_close(got[:, :5], fine_only)
+    assert got.shape == (2, d, cgh, cgw) == (2, d, *feat.grid_shape(20, 24))
+    coarse_rows = extract_windows(x, cfg.sampling_config)  # row-major coarse cells
+    want = feat.project(coarse_rows).view(2, cgh, cgw, d).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, want)
+    # the fine half is the plain projection of the fine window, from the third cell on
+    torch.testing.assert_close(got[:, :5], feat.fine(x)[:, :, 2 : 2 + cgh, 2 : 2 + cgw])
+    # the geometry puts cell (0, 0)'s centre on the first coarse window's centre (3.5, 3.5)
+    geo = feat.geometry
+    assert geo.window / 2 == 3.5 and geo.stride == 1
 
 
 def test_split_rows_takes_the_centre() -> None:
@@ -75,10 +74,16 @@ def test_a_multiscale_scorer_fits_scores_round_trips_and_counts_its_flops(tmp_pa
     assert spec_from_dict(spec_to_dict(spec)) == spec
     sc, _ = fit_scorer(list(imgs[:4]), list(imgs[4:]), spec)
     gen = torch.Generator().manual_seed(0)
-    assert feature_rows(sc.featurizer, spec, [imgs[0]], 5, gen).shape == (5, 14)
+    rows = feature_rows(sc.featurizer, spec, [imgs[0]], 5, gen)
+    assert rows.shape == (5, 14)
+    # training rows are cells of the very sweep that scoring runs
+    sweep = sc.featurizer(to_tensor(imgs[:1]))[0].reshape(14, -1).T
+    for r in rows:
+        assert torch.isclose(sweep, r[None]).all(dim=1).any()
     sb = sc.score(imgs[:2])
-    assert sb.grid.shape == (2, *grid_shape(60, 72, spec.featurizer.fine_config))
-    assert sc.geometry.window == 6 and sc.geometry.stride == 2
+    assert sb.grid.shape == (2, *sc.featurizer.grid_shape(60, 72))
+    # 3 fine cells (6 px) in: the first cell has its whole 16-px context around it
+    assert (sc.geometry.window, sc.geometry.stride) == (2 * 6 + 6, 2)
     assert np.isfinite(sb.grid).all()
     save_bundle(sc, tmp_path / "b")
     back = load_bundle(tmp_path / "b")
@@ -106,8 +111,9 @@ def test_a_local_spot_lowers_the_fine_grid_where_it_is() -> None:
     grid = sc.log_likelihood_grid(bad[None])[0].numpy()
     i, j = np.unravel_index(np.argmin(grid), grid.shape)
     s, w = sc.geometry.stride, sc.geometry.window
-    # the least likely fine window overlaps the spot
-    assert i * s <= 34 and i * s + w >= 30 and j * s <= 44 and j * s + w >= 40, (i, j)
+    # the least likely fine window (6 px around its centre) overlaps the spot
+    ci, cj = i * s + w / 2, j * s + w / 2
+    assert abs(ci - 32) <= 5 and abs(cj - 42) <= 5, (ci, cj)
 
 
 @pytest.mark.parametrize("bad", [{"fine_window": 46}, {"fine_components": 0}])
