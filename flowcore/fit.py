@@ -161,6 +161,17 @@ PRESETS: dict[str, ScorerSpec] = {
         windows_per_image=256,
         basis_rows=10_000,
     ),
+    # ImageNet MobileNetV2 (train with --backbone-weights pkg:mobilenet_v2, offline) at 50 %
+    # scale: features.6 + features.13 (32 + 96 channels) on a stride-8 grid, affine coupling
+    "cnn-mobilenet": ScorerSpec(
+        featurizer=CNNConfig(
+            backbone="mobilenet_v2", layers=("features.6", "features.13"), scale=0.5
+        ),
+        flow=CouplingConfig(blocks=6, hidden=(256,), clamp=3.0),
+        fit=FitConfig(batch_size=256, lr=5e-4, max_epochs=40, patience=5),
+        windows_per_image=256,
+        basis_rows=10_000,
+    ),
 }
 
 
@@ -315,9 +326,7 @@ def feature_rows(
     if isinstance(featurizer, MultiScaleFeaturizer):
         if featurizer.cfg != spec.featurizer:
             raise ValueError(f"featurizer {featurizer.cfg} does not match {spec.featurizer}")
-        cfg = featurizer.cfg.sampling_config
-        windows = sample_windows(images, cfg, per_image, gen, spec.dequantize)
-        return featurizer.project(windows.to(featurizer.mean.device))
+        return featurizer.sample_cells(images, per_image, gen, spec.dequantize)
     if not isinstance(spec.featurizer, WindowConfig):
         raise TypeError(f"a {type(featurizer).__name__} does not fit {spec.featurizer}")
     windows = sample_windows(images, spec.featurizer, per_image, gen, spec.dequantize)
