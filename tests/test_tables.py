@@ -34,6 +34,8 @@ SCORES_TAIL = [
     *((c, pa.float32()) for c in SUMMARY.split()),
     ("is_anomaly", pa.bool_()),
     ("heatmap", pa.list_(pa.float32())),
+    # beyond DESIGN.md (the detection issue): which threshold decided is_anomaly
+    ("threshold_source", pa.string()),
 ]
 ERRORS_COLS = [
     *((c, pa.string()) for c in ("image_uri", "etag", "run_id", "stage", "error_type", "message")),
@@ -152,7 +154,7 @@ def test_unopenable_catalog_is_one_clear_error(home, monkeypatch):
     monkeypatch.setenv("FLOWSCORE_CATALOG_URI", "nosuchdb://bob:hunter2@host/db")
     with pytest.raises(T.TablesError) as e:
         T.load_catalog_()
-    assert "nosuchdb://bob:***@host/db" in str(e.value) and "hunter2" not in str(e.value)
+    assert "nosuchdb://***@host/db" in str(e.value) and "hunter2" not in str(e.value)
     rc, _, err = query("select 1")
     assert rc == 2 and "nosuchdb://" in err
 
@@ -504,3 +506,22 @@ def test_s3_warehouse_query_falls_back_to_arrow(home, s3_server, monkeypatch):
         {"n": 5, "d": 5}
     ]
     assert query_json("select count(*) n from runs") == [{"n": 0}]
+
+
+def test_image_scores_of_an_older_flowscore_gets_threshold_source(home):
+    """An ``image_scores`` table made before ``threshold_source`` existed gets it at the end
+    by schema evolution (path columns still in their place); old rows read it as null."""
+    cat = T.load_catalog_()
+    new_schema = T.image_scores_arrow_schema(["year"])
+    old_schema = pa.schema([f for f in new_schema if f.name != "threshold_source"])
+    T._create_table(cat, T.IMAGE_SCORES, old_schema)
+    old = {"image_uri": "a.jpg", "etag": "1", "model_version": "1", "year": "2017"}
+    tbl = cat.load_table("flowscore.image_scores")
+    tbl.append(pa.Table.from_pylist([old], schema=T._with_field_ids(tbl)))
+    T.ensure_tables(cat, ["year"])
+    got = T.arrow_schema_of(cat.load_table("flowscore.image_scores"))
+    assert got.names == new_schema.names
+    T.ensure_tables(cat, ["year"])  # idempotent
+    assert query_json("select image_uri, threshold_source from image_scores") == [
+        {"image_uri": "a.jpg", "threshold_source": None}
+    ]
