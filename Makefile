@@ -5,7 +5,6 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: test demo lint typecheck pytest install clean
 

@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 # names of flowcore.fit.PRESETS, repeated here so --help needs no torch import (a test checks)
-PRESET_NAMES = ("grain-full", "grain-quarter", "grain-multiscale", "cnn")
+PRESET_NAMES = ("grain-full", "grain-quarter", "grain-multiscale", "cnn", "cnn-mobilenet")
 # bench measures the window presets (its naive reference is the window sweep)
 BENCH_PRESET_NAMES = PRESET_NAMES[:3]
 
@@ -29,7 +29,9 @@ class UsageError(Exception):
 
 
 def _err(msg: str) -> None:
-    print(f"flowscore: error: {msg}", file=sys.stderr)
+    from pipelines.redact import redact
+
+    print(f"flowscore: error: {redact(msg)}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- synth
@@ -434,9 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=PRESET_NAMES,
         default="grain-full",
-        help="grain-full: 46×46×3 windows, stride 8, 100 PCA components, MAF; grain-quarter: "
-        "11×11×3 windows at 25 %% scale, stride 2, no reduction, MAF; cnn: resnet18 feature "
-        "grid with an affine-coupling flow (default: %(default)s)",
+        help="grain-full: 46×46×3 windows, stride 8, 100 PCA components and the residual "
+        "energy, MAF; grain-quarter: 11×11×3 windows at 25 %% scale, stride 2, no reduction, "
+        "MAF; grain-multiscale: 11×11 windows at stride 4 in their 46×46 context, one MAF "
+        "(small defects; twice the arithmetic); cnn: resnet18 feature grid with an "
+        "affine-coupling flow; cnn-mobilenet: MobileNetV2 features (give --backbone-weights "
+        "pkg:mobilenet_v2 for ImageNet weights, offline) (default: %(default)s)",
     )
     t.add_argument(
         "--config",

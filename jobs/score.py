@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.redact import redact
+
 __all__ = [
     "ScoreRequest",
     "ScoreOutcome",
@@ -118,12 +120,16 @@ def check_bundle(path: str | Path) -> None:
 
 def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     from pipelines import tables, tracking
-    from pipelines.archive import ArchiveError, list_archive
+    from pipelines.archive import ArchiveError, check_archive_uri, list_archive
     from pipelines.raycluster import cluster_cpus, ensure_ray, plan_workers
     from pipelines.score import ChunkResult, ScoreConfig, score_stream, stream_buffer_per_actor
 
     if req.commit_every < 1 or req.actors < 1 or req.batch_size < 1:
         raise ScoreUsageError("--commit-every, --actors and --batch-size must be >= 1")
+    try:
+        check_archive_uri(req.archive)  # its form (credentials refused) before anything else
+    except ArchiveError as e:
+        raise ScoreUsageError(str(e)) from e
     try:
         stream_buffer_per_actor()
     except ValueError as e:
@@ -165,7 +171,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
             job=req.job,
             model_name=model_name,
             model_version=model_version,
-            archive=tracking.scrub_text(req.archive),
+            archive=redact(req.archive),
             started_at=started,
             images_listed=len(listed),
             mlflow_run_id=mlflow_run_id,
@@ -287,7 +293,7 @@ def _mlflow_start(
     (they go into the run's ``runs`` row, whose ``mlflow_run_id`` stays null)."""
     from pipelines import tracking
 
-    uri = tracking.scrub_text(tracking.tracking_uri())
+    uri = redact(tracking.tracking_uri())
     try:
         c = tracking.client()
         exp = tracking.ensure_experiment(c, EXPERIMENT)
@@ -358,7 +364,7 @@ def _mlflow_end(
         )
         c.set_terminated(mlflow_run_id, "FINISHED" if status == "succeeded" else "FAILED")
     except Exception as e:  # noqa: BLE001 - tracking is secondary to scoring
-        uri = tracking.scrub_text(c.tracking_uri)
+        uri = redact(c.tracking_uri)
         reason = tracking.failure_reason(e)
         _warn(
             warnings,

@@ -51,6 +51,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps
 
+from .redact import has_userinfo, redact
 from .storage import S3FS_RETRIES, StorageUnavailable, retry_transient, s3fs_kwargs
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "DecodedImage",
     "StorageUnavailable",
     "captured_at",
+    "check_archive_uri",
     "decode_image",
     "is_image_path",
     "list_archive",
@@ -134,7 +136,11 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class ArchiveError(ValueError):
-    """The archive URI is unusable: missing, not a directory, unknown scheme, no bucket."""
+    """The archive URI is unusable: missing, not a directory, unknown scheme, no bucket,
+    credentials in the URI. The message is redacted (:func:`pipelines.redact.redact`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(str(message)))
 
 
 class DecodeError(Exception):
@@ -199,7 +205,7 @@ class DecodedImage:
 
 
 def _shorten(text: str, limit: int = _MESSAGE_LIMIT) -> str:
-    text = _BYTESIO_RE.sub("<bytes>", text)
+    text = redact(_BYTESIO_RE.sub("<bytes>", text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -232,6 +238,14 @@ def _split_uri(uri: str) -> tuple[str, str]:
         path = uri[5:].strip("/")
         if not path:
             raise ArchiveError(f"{uri!r}: S3 URI has no bucket (expected s3://bucket/prefix)")
+        bucket = path.split("/", 1)[0]
+        if has_userinfo(uri) or "@" in bucket:
+            raise ArchiveError(
+                f"{redact(uri)!r}: credentials in an S3 URI are refused; give them through "
+                "the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a role)"
+            )
+        if ":" in bucket:
+            raise ArchiveError(f"{uri!r}: {bucket!r} is not an S3 bucket name")
         return "s3", path
     if lowered.startswith("file://"):
         rest = uri[7:]
@@ -248,6 +262,12 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 def _local_uri(abs_path: str) -> str:
     return "file://" + abs_path.replace(os.sep, "/")
+
+
+def check_archive_uri(uri: str) -> None:
+    """Check the form of an archive URI without touching the archive (a scheme flowscore
+    reads, a bucket, no credentials in it). Raises :class:`ArchiveError`."""
+    _split_uri(uri)
 
 
 def open_archive(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -1,21 +1,32 @@
 """Connecting to Ray and sizing work to the cluster.
 
 ``ensure_ray`` starts a local Ray in-process (the embedded default) or joins the cluster at
-``--ray-address`` / ``RAY_ADDRESS``. Resource plans leave CPU for the read-and-decode tasks
-that feed the actors and training workers: on a small machine a pool that takes every CPU
-starves its own input and hangs (FIELD-NOTES).
+``--ray-address`` / ``RAY_ADDRESS``. The embedded Ray listens on 127.0.0.1 only and runs with
+token authentication (DESIGN promise 9); a cluster that is joined keeps its own settings.
+Resource plans leave CPU for the read-and-decode tasks that feed the actors and training
+workers: on a small machine a pool that takes every CPU starves its own input and hangs
+(FIELD-NOTES).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
 import os
+import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["ensure_ray", "cluster_cpus", "WorkerPlan", "plan_workers"]
+__all__ = ["ensure_ray", "cluster_cpus", "WorkerPlan", "plan_workers", "LOOPBACK"]
+
+# where the embedded Ray's GCS, raylet, workers and agents listen
+LOOPBACK = "127.0.0.1"
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+_AUTH_TOKEN_ENVS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 # CPUs kept free for Ray Data's read/decode tasks on a CPU-only cluster
 DATA_CPU_RESERVE = 1.0
@@ -43,7 +54,14 @@ def ensure_ray(address: str | None = None) -> None:
     inherit this process's environment; when joining a cluster, the ``FLOWSCORE_S3_*``
     settings and the S3 endpoint and region variables that are set here travel in the job's
     ``runtime_env`` (never credentials: the cluster's nodes take those from their own AWS
-    chain)."""
+    chain).
+
+    Security: the embedded Ray is bound to :data:`LOOPBACK` (GCS, raylet, workers and agents
+    listen there and nowhere else) and uses Ray's token authentication. Unless
+    ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` say otherwise, a fresh
+    random token is put in this process's ``RAY_AUTH_TOKEN`` (nothing is written to disk);
+    Ray's processes and any child process that joins it through ``RAY_ADDRESS`` inherit it.
+    When joining a cluster nothing of this is touched: Ray's own settings apply."""
     import ray
     from ray.data import DataContext
 
@@ -52,23 +70,33 @@ def ensure_ray(address: str | None = None) -> None:
     configure_ray_data()
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     addr = address or os.environ.get("RAY_ADDRESS") or None
+    if addr is not None and addr.strip().lower() == "local":  # Ray: "start a new local one"
+        addr = None
     extra: dict[str, object] = {}
     env_vars = {k: os.environ[k] for k in (*S3_ENV, *_PASSED_ENV) if os.environ.get(k)}
     for k in _job_env_vars():  # Ray refuses to merge a key the submitted job sets too
         env_vars.pop(k, None)
     if addr and env_vars:
         extra["runtime_env"] = {"env_vars": env_vars}
-    ray.init(
+    init = dict(
         address=addr,
         include_dashboard=os.environ.get("FLOWSCORE_RAY_DASHBOARD") == "1",
         log_to_driver=os.environ.get("FLOWSCORE_RAY_LOGS") == "1",
         configure_logging=True,
         logging_level="warning",
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
+    if addr is None:
+        _start_local_ray(init)
+    elif _is_loopback_address(addr):
+        # a local Ray of this machine (e.g. a parent's embedded one): connect to it on
+        # loopback, where it listens, rather than on the address Ray would resolve
+        with _cluster_mode_off():
+            ray.init(**init, _node_ip_address=LOOPBACK)  # type: ignore[arg-type]
+    else:
+        ray.init(**init)  # type: ignore[arg-type]
     if os.environ.get("FLOWSCORE_RAY_LOGS") != "1":
         # Ray Data announces every execution at INFO; flowscore prints its own progress
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -76,6 +104,75 @@ def ensure_ray(address: str | None = None) -> None:
     ctx = DataContext.get_current()
     if os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") == "1":
         ctx.enable_progress_bars = False
+
+
+def _start_local_ray(init: dict[str, object]) -> None:
+    """``ray.init(**init)`` for a new local Ray bound to :data:`LOOPBACK`, with token auth.
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address
+    (``services.resolve_ip_for_localhost``) unless "cluster mode" is off, and its gRPC
+    servers listen on every interface unless the node's address is exactly 127.0.0.1. So
+    cluster mode is switched off for the call (the node can then only be reached on this
+    machine, which is the point) and the node address checked afterwards: a local Ray that
+    is not on loopback is shut down again and refused."""
+    import ray
+
+    _enable_local_token_auth()
+    with _cluster_mode_off():
+        ray.init(**init, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)  # type: ignore[arg-type]
+    node = getattr(ray._private.worker, "_global_node", None)
+    ip = getattr(node, "node_ip_address", None)
+    if ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(
+            f"the local Ray started on {ip!r}, not on {LOOPBACK}; refusing to run with Ray "
+            "services reachable from the network (this Ray version binds differently: see "
+            "pipelines/raycluster.py)"
+        )
+
+
+@contextmanager
+def _cluster_mode_off() -> Iterator[None]:
+    """Ray's "no cluster" mode for the duration (what it uses on macOS and Windows): a
+    loopback node address stays 127.0.0.1 instead of being replaced by the machine's
+    routable address."""
+    from ray._private import ray_constants
+
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = was
+
+
+def _is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (``host:port``; not a Ray Client ``ray://`` one) names this
+    machine's loopback interface."""
+    if "://" in address:
+        return False
+    host = address.strip().rsplit(":", 1)[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _enable_local_token_auth() -> None:
+    """Token authentication for a local Ray this process starts: ``RAY_AUTH_MODE=token``
+    unless set, and a random ``RAY_AUTH_TOKEN`` unless a token is configured. An explicit
+    ``RAY_AUTH_MODE`` is respected (Ray's documented opt-out)."""
+    mode = os.environ.setdefault(_AUTH_MODE_ENV, "token").strip().lower()
+    if mode == "token" and not any(os.environ.get(k) for k in _AUTH_TOKEN_ENVS):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    try:  # Ray caches its config (the auth mode included) at first use: read it again
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray version
+        pass
 
 
 class _StorageFailureFilter(logging.Filter):

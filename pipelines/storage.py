@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
+from .redact import redact
+
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
     "READ_TIMEOUT_ENV",
@@ -105,11 +107,13 @@ class StorageUnavailable(RuntimeError):
     """S3 did not answer (or kept failing) for longer than the retry budget.
 
     Raised by :func:`retry_transient`; one line that names what was being done, the URI and
-    the endpoint. It ends a scoring run (it is not a per-file error row). Picklable, so it
+    the endpoint, credentials redacted (:func:`pipelines.redact.redact`: presigned URLs,
+    user info). It ends a scoring run (it is not a per-file error row). Picklable, so it
     travels from a Ray task to the driver intact.
     """
 
     def __init__(self, message: str) -> None:
+        message = redact(message)
         self.message = message
         super().__init__(message)
 
@@ -162,7 +166,7 @@ def endpoint() -> str:
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         value = os.environ.get(name, "").strip()
         if value:
-            return value
+            return redact(value)
     region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "").strip()
     return f"AWS S3 ({region})" if region else "AWS S3"
 
@@ -343,7 +347,7 @@ def is_transient(e: BaseException) -> bool:
 def _one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     first = lines[0] if lines else ""
-    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    text = redact(f"{type(e).__name__}: {first}" if first else type(e).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -384,7 +388,9 @@ def retry_transient(
                     f"{s.retries} retries; {RETRY_BUDGET_ENV}={s.retry_budget_s:g}): "
                     f"{_one_line(e)}"
                 ) from e
-            _log.warning("S3 %s %s failed (%s); retrying in %.1f s", what, uri, _one_line(e), wait)
+            _log.warning(
+                "S3 %s %s failed (%s); retrying in %.1f s", what, redact(uri), _one_line(e), wait
+            )
             sleep(wait)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
@@ -425,14 +431,14 @@ def storage_failure(e: BaseException) -> str | None:
     for x in chain:
         if isinstance(x, StorageUnavailable):
             message = getattr(x, "message", None)
-            return message if isinstance(message, str) else _one_line(x)
+            return redact(message) if isinstance(message, str) else _one_line(x)
     for x in chain:
         found = _UNAVAILABLE_LINE.search(str(x))
         if found:
-            return found.group(1).strip()
+            return redact(found.group(1).strip())
     for x in chain:
         if is_transient(x) and _looks_like_s3(x):
-            return (
+            return redact(
                 f"S3 storage unavailable at {endpoint()} (still failing after the retries "
                 f"of {RETRIES_ENV} and {RETRY_BUDGET_ENV}): {_error_line(x)}"
             )
@@ -446,7 +452,7 @@ def _error_line(e: BaseException) -> str:
     lines = [m.group(0).strip() for m in _ERROR_LINE.finditer(text)]
     aws = [line for line in lines if "AWS Error" in line]
     if aws or lines:
-        line = (aws or lines)[0]
+        line = redact((aws or lines)[0])
         return line if len(line) <= 300 else line[:297] + "..."
     return _one_line(e)
 

@@ -44,7 +44,6 @@ and a reader can take its data files as they are (:func:`snapshot_files`).
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -54,6 +53,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 
 from .paths import flowscore_home
+from .redact import redact
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -75,7 +75,6 @@ __all__ = [
     "RUN_STATUSES",
     "TablesError",
     "catalog_config",
-    "redact_uri",
     "is_local_warehouse",
     "load_catalog_",
     "qualified",
@@ -244,11 +243,6 @@ def catalog_config() -> dict[str, str]:
     return cfg
 
 
-def redact_uri(uri: str) -> str:
-    """``uri`` with any password (``scheme://user:PASSWORD@host``) replaced by ``***``."""
-    return re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", uri)
-
-
 def is_local_warehouse(location: str) -> bool:
     """True for a ``file://`` URI or a plain path."""
     scheme = urlparse(location).scheme
@@ -264,7 +258,7 @@ def local_path(location: str) -> str:
     return location
 
 
-def _one_line(e: BaseException, secret_free: Callable[[str], str] = redact_uri) -> str:
+def _one_line(e: BaseException, secret_free: Callable[[str], str] = redact) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
     return secret_free(f"{type(e).__name__}: {first}" if first else type(e).__name__)
@@ -287,8 +281,8 @@ def load_catalog_() -> Catalog:
                 time.sleep(0.05 * 2**attempt)
                 continue
             raise TablesError(
-                f"cannot open the Iceberg catalog at {redact_uri(cfg['uri'])} "
-                f"(warehouse {cfg['warehouse']}; set {CATALOG_URI_ENV} / {WAREHOUSE_ENV}): "
+                f"cannot open the Iceberg catalog at {redact(cfg['uri'])} "
+                f"(warehouse {redact(cfg['warehouse'])}; set {CATALOG_URI_ENV} / {WAREHOUSE_ENV}): "
                 f"{_one_line(e)}"
             ) from e
     raise AssertionError("unreachable")  # pragma: no cover

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from .paths import flowscore_home
+from .redact import is_secret_name, redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -264,7 +265,7 @@ def failure_reason(exc: BaseException) -> str:
 def _first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
-    line = scrub_text(line)
+    line = redact(line)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -278,7 +279,7 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 
 def _unreachable_message(uri: str, doing: str, exc: BaseException) -> str:
-    safe_uri = scrub_text(uri)
+    safe_uri = redact(uri)
     if _is_server(uri):
         fix = (
             "start the server or fix MLFLOW_TRACKING_URI (unset it to use the embedded store "
@@ -370,7 +371,7 @@ def ensure_experiment(c: MlflowClient, name: str, *, artifact_location: str | No
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise TrackingError(
-                f"experiment {name!r} in {scrub_text(uri)} was reported as existing but cannot "
+                f"experiment {name!r} in {redact(uri)} was reported as existing but cannot "
                 "be found; if it was deleted, restore or purge it (`mlflow gc`) and try again"
             )
         return str(exp.experiment_id)
@@ -380,51 +381,10 @@ def ensure_experiment(c: MlflowClient, name: str, *, artifact_location: str | No
 # Parameters and metrics
 # ---------------------------------------------------------------------------------------
 
-# Matched against a key with ``_ - . space`` removed, lower-cased, so ``apiKey``,
-# ``api-key`` and ``API_KEY`` all count.
-_SECRET_WORDS = (
-    "secret",
-    "password",
-    "passwd",
-    "pwd",
-    "token",
-    "credential",
-    "accesskey",
-    "apikey",
-    "privatekey",
-    "authorization",
-    "signature",
-)
-_USERINFO_RE = re.compile(
-    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)"
-    # plain user info (up to the last '@' before the path), or ``user:secret@`` where the
-    # secret may hold '/' (AWS secret keys do) but does not look like ``port/``
-    r"(?:[^/?#\s\"'<>]*@|[^/?#@\s\"'<>:]+:(?!\d+/)[^\s\"'<>@]*@)"
-)
-_QUERY_PARAM_RE = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s\"'<>?;]+)=(?P<value>[^&#\s\"'<>;]*)")
 _KEY_BAD_CHARS = re.compile(r"[^/\w.\- :]")
 
-
-def _looks_secret(key: str) -> bool:
-    norm = re.sub(r"[\s_.\-]", "", key).lower()
-    return any(word in norm for word in _SECRET_WORDS)
-
-
-def scrub_text(text: str) -> str:
-    """``text`` with credentials in URIs removed.
-
-    User info goes (``s3://user:pw@bucket/x`` → ``s3://bucket/x``, ``https://u:p@host`` →
-    ``https://host``), and the values of credential-looking query parameters (``token``,
-    ``X-Amz-Signature``, ``X-Amz-Credential`` …) become ``***``.
-    """
-    text = _USERINFO_RE.sub(lambda m: m.group("scheme"), text)
-
-    def _query(m: re.Match[str]) -> str:
-        if _looks_secret(m.group("name")):
-            return f"{m.group('sep')}{m.group('name')}=***"
-        return m.group(0)
-
-    return _QUERY_PARAM_RE.sub(_query, text) if "=" in text else text
+# The project's one redaction rule (pipelines.redact), under the name jobs/train.py uses.
+scrub_text = redact
 
 
 def _drop_secrets(value: Any) -> Any:
@@ -432,7 +392,7 @@ def _drop_secrets(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, Mapping):
-        return {str(k): _drop_secrets(v) for k, v in value.items() if not _looks_secret(str(k))}
+        return {str(k): _drop_secrets(v) for k, v in value.items() if not is_secret_name(str(k))}
     if isinstance(value, list | tuple | set | frozenset):
         items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
         return [_drop_secrets(v) for v in items]
@@ -446,7 +406,7 @@ def _param_value(value: Any) -> str:
         text = json.dumps(_drop_secrets(value), default=str)
     else:
         text = str(value)
-    text = scrub_text(text)
+    text = redact(text)
     return text[:MAX_PARAM_VALUE_LENGTH]
 
 
@@ -464,7 +424,7 @@ def _param_key(key: str) -> str:
 def _flatten(d: Mapping[Any, Any], prefix: str, out: dict[str, str]) -> None:
     for raw_key, value in d.items():
         key = str(raw_key)
-        if _looks_secret(key):
+        if is_secret_name(key):
             continue
         full = f"{prefix}.{key}" if prefix else key
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -488,7 +448,7 @@ def safe_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     password, passwd, pwd, token, credential, access_key, api_key, private_key,
     authorization or signature, in any case and separator style) is dropped with everything
     under it, also inside lists; user info and signed query parameters are scrubbed from URIs
-    in values (see :func:`scrub_text`).
+    in values (see :func:`pipelines.redact.redact`).
     """
     out: dict[str, str] = {}
     _flatten(d, prefix.rstrip("."), out)
@@ -555,7 +515,7 @@ def register_bundle(
     from mlflow.exceptions import MlflowException
 
     uri = c.tracking_uri
-    safe_uri = scrub_text(uri)
+    safe_uri = redact(uri)
     path = artifact_path.strip("/")
     with _talking_to(uri, f"registering model {name!r}"):
         run = c.get_run(run_id)
@@ -703,8 +663,8 @@ def _download_version(
         )
         if not (local / BUNDLE_META_FILE).is_file():
             raise ModelResolutionError(
-                f"{uri}: version {version} of model {name!r} in {scrub_text(store)} is not a "
-                f"flowscore bundle ({scrub_text(download_uri)} has no {BUNDLE_META_FILE})"
+                f"{uri}: version {version} of model {name!r} in {redact(store)} is not a "
+                f"flowscore bundle ({redact(download_uri)} has no {BUNDLE_META_FILE})"
             )
         (local / CACHE_MARKER_FILE).write_text(json.dumps(dict(marker), indent=1), "utf-8")
         if _cache_ok(final, marker):  # another process finished first: keep theirs
@@ -758,7 +718,7 @@ def resolve_model(
     name, alias, version = _parse_models_uri(text)
     c = c or client()
     store = c.tracking_uri
-    safe_store = scrub_text(store)
+    safe_store = redact(store)
     with _talking_to(store, f"resolving {uri}"):
         try:
             rm = c.get_registered_model(name)

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from flowcore.fit import ScorerSpec, fit_scorer  # noqa: E402
 from flowcore.flows import MAFConfig  # noqa: E402

@@ -157,9 +157,7 @@ def child_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment (MLflow settings included) for a child with its own
     ``FLOWSCORE_HOME``, quiet Ray."""
     env = dict(os.environ)
-    env.update(
-        FLOWSCORE_HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_AUTH_MODE="disabled"
-    )
+    env.update(FLOWSCORE_HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1")
     env.update(extra)
     return env
 

@@ -147,11 +147,11 @@ def test_safe_params_flattens_drops_credentials_and_scrubs_uris():
     assert p["train.flow.blocks"] == "5"
     assert json.loads(p["train.flow.sizes"]) == [100, 100]
     assert p["train.flow.opts"] == "{}"
-    assert p["train.archive"] == "s3://farm-archive/harvest"
-    assert p["train.tracking"] == "https://mlflow.example.com/api"
+    assert p["train.archive"] == "s3://***@farm-archive/harvest"
+    assert p["train.tracking"] == "https://***@mlflow.example.com/api"
     assert p["train.signed"] == "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&x=1"
     assert p["train.storage.region"] == "us-east-1"
-    assert json.loads(p["train.endpoints"]) == [{"url": "s3://b/x"}]
+    assert json.loads(p["train.endpoints"]) == [{"url": "s3://***@b/x"}]
     assert len(p["train.long"]) == 6000
     assert p["train.flag"] == "True" and p["train.nothing"] == "None"
     for key, value in p.items():
@@ -172,7 +172,7 @@ def test_log_params_and_metrics_in_batches(flowscore_home):
     tr.log_metrics(c, run_id, rows)
     data = c.get_run(run_id).data
     assert len(data.params) == 251 and data.params["k249"] == "249"
-    assert data.params["uri"] == "s3://b/k" and "api_key" not in data.params
+    assert data.params["uri"] == "s3://***@b/k" and "api_key" not in data.params
     hist = c.get_metric_history(run_id, "m0")
     assert len(hist) == 834 and sorted(m.step for m in hist)[:2] == [0, 3]
 
