@@ -265,18 +265,46 @@ class WindowFeaturizer(nn.Module):
         weight, bias = self.kernel()
         return F.conv2d(resize(x, self.cfg.scale), weight, bias, stride=self.cfg.stride)
 
-    def residual_energy(self, xs: Tensor, feats: Tensor) -> Tensor:
-        """``r = ‖x - mean‖² - ‖Pᵀ(x - mean)‖²`` of every window of resized images ``xs``
-        whose k projected (whitened) components are ``feats`` (N, k, gh, gw): (N, gh, gw)."""
+    def _shifted_mean(self) -> tuple[Tensor, Tensor]:
+        """(c, m): a constant per channel (the mean window's average) and the mean window
+        minus it, (3,) and (3, w, w). Sums of squares of the image minus c stay small, which
+        keeps them accurate in float32."""
         w = self.cfg.window
         mean = self.mean.view(3, w, w)
-        # shift each channel by a constant so the sums of squares stay small in float32
         c = mean.mean(dim=(1, 2))
+        return c, mean - c.view(3, 1, 1)
+
+    def _sweep(self, xs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The projection of every window of resized images and, where a residual is
+        needed, each window's ``-2 Σ m·(x - c)`` (see :meth:`residual_energy`) as one more
+        output channel of the same convolution: about 1 % more of its arithmetic, where a
+        separate 1-channel convolution cost a quarter of the scorer's time."""
+        weight, bias = self.kernel()
+        if not (self.cfg.has_residual or self.cfg.has_residual_feature):
+            return F.conv2d(xs, weight, bias, stride=self.cfg.stride), None
+        c, m = self._shifted_mean()
+        w_ext = torch.cat([weight, (-2.0 * m)[None]])
+        b_ext = torch.cat([bias, (2.0 * (m * c.view(3, 1, 1)).sum())[None]])
+        out = F.conv2d(xs, w_ext.to(xs.dtype), b_ext.to(xs.dtype), stride=self.cfg.stride)
+        k = self.cfg.kept
+        return out[:, :k], out[:, k]
+
+    def residual_energy(self, xs: Tensor, feats: Tensor, cross: Tensor | None = None) -> Tensor:
+        """``r = ‖x - mean‖² - ‖Pᵀ(x - mean)‖²`` of every window of resized images ``xs``
+        whose k projected (whitened) components are ``feats`` (N, k, gh, gw): (N, gh, gw).
+        With y = x - c and m = mean - c, ``‖x - mean‖² = Σy² - 2Σm·y + Σm²``: Σy² is a box
+        sum (an average pool), ``cross`` = -2Σm·y comes from :meth:`_sweep` (computed here
+        when not given)."""
+        w, st = self.cfg.window, self.cfg.stride
+        c, m = self._shifted_mean()
         y = xs - c.view(1, 3, 1, 1).to(xs.dtype)
-        m = (mean - c.view(3, 1, 1)).to(xs.dtype)
-        weight = torch.cat([-2.0 * m, torch.ones_like(m)]).unsqueeze(0)  # (1, 6, w, w)
-        sq = F.conv2d(torch.cat([y, y * y], dim=1), weight, stride=self.cfg.stride)[:, 0]
-        total = sq + m.square().sum()  # ‖x - mean‖² per window
+        if cross is None:
+            cross = F.conv2d(y, (-2.0 * m)[None].to(xs.dtype), stride=st)[:, 0]
+        # the box sum, separably: w rows, then w columns (w + w adds per window, not w²)
+        sq = (y * y).sum(1, keepdim=True)
+        sq = F.avg_pool2d(F.avg_pool2d(sq, (w, 1), stride=(st, 1)), (1, w), stride=(1, st))
+        sq = sq[:, 0] * (w * w)
+        total = sq + cross + m.square().sum().to(xs.dtype)  # ‖x - mean‖² per window
         var_k = self.inv_scale.reciprocal().square().to(feats.dtype)  # unwhitening
         kept = torch.einsum("nkhw,k->nhw", feats.square(), var_k)  # ‖Pᵀ(x - mean)‖²
         return (total - kept).clamp_min(0)
@@ -304,12 +332,14 @@ class WindowFeaturizer(nn.Module):
         whitening's log-determinant plus the isotropic Gaussian of the discarded part (None
         without a residual; see the module docstring)."""
         xs = resize(x, self.cfg.scale)
-        weight, bias = self.kernel()
-        feats = F.conv2d(xs, weight, bias, stride=self.cfg.stride)
-        extra = self.residual_log_prob(xs, feats) if self.cfg.has_residual else None
-        if self.cfg.has_residual_feature:
-            r = self.residual_energy(xs, feats)
-            feats = torch.cat([feats, self.residual_feature(r)[:, None]], dim=1)
+        feats, cross = self._sweep(xs)
+        extra = None
+        if cross is not None:
+            r = self.residual_energy(xs, feats, cross)
+            if self.cfg.has_residual:
+                extra = self.residual_log_prob(xs, feats, r)
+            if self.cfg.has_residual_feature:
+                feats = torch.cat([feats, self.residual_feature(r)[:, None]], dim=1)
         if self.cfg.complexity:
             generic = self.generic_log_prob(xs)
             extra = -generic if extra is None else extra - generic
@@ -326,11 +356,13 @@ class WindowFeaturizer(nn.Module):
         b = self.complexity_scale.to(xs.dtype)
         return -total / b - 3 * w * w * torch.log(2 * b)
 
-    def residual_log_prob(self, xs: Tensor, feats: Tensor) -> Tensor:
+    def residual_log_prob(self, xs: Tensor, feats: Tensor, r: Tensor | None = None) -> Tensor:
         """Log-density terms outside the flow for the windows of already-resized images ``xs``
-        (N, 3, H', W') whose features are ``feats`` (N, k, gh, gw): (N, gh, gw)."""
+        (N, 3, H', W') whose features are ``feats`` (N, k, gh, gw): (N, gh, gw). ``r``: their
+        residual energies, if already known."""
         d, k = self.cfg.dims, self.cfg.kept
-        r = self.residual_energy(xs, feats[:, :k])
+        if r is None:
+            r = self.residual_energy(xs, feats[:, :k])
         s2 = self.residual_var.to(r.dtype)
         const = self.inv_scale.log().sum() - 0.5 * (d - k) * torch.log(2 * math.pi * s2)
         return const.to(r.dtype) - r / (2 * s2)

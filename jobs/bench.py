@@ -136,7 +136,7 @@ def naive_row_loop(scorer: Scorer, image: np.ndarray, rows: int) -> tuple[float,
     t0 = time.perf_counter()
     for i in range(min(rows, gh)):
         crops = [x[:, i * s : i * s + w, j * s : j * s + w].reshape(-1) for j in range(gw)]
-        feats = ((torch.stack(crops) - f.mean) @ f.basis) * f.inv_scale
+        feats = f.project(torch.stack(crops))  # (x - mean) @ basis * scale (+ residual)
         scorer.flow.log_prob(feats)
     return time.perf_counter() - t0, gh
 
