@@ -22,19 +22,23 @@ def mask_path(path: str) -> str:
     return str(PurePosixPath("_truth/masks") / PurePosixPath(path).with_suffix(".png"))
 
 
+def _truth_csv(uri: str, name: str, columns: tuple[str, str]) -> list[dict[str, str]]:
+    """The rows of ``_truth/NAME`` (a CSV whose header has ``columns``); [] when absent."""
+    fs, root = open_archive(uri)
+    target = f"{root.rstrip('/')}/_truth/{name}"
+    if not fs.exists(target):
+        return []
+    with fs.open(target, "rb") as f:
+        reader = csv.DictReader(io.StringIO(f.read().decode("utf-8")))
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            raise ArchiveError(f"{uri}/_truth/{name}: needs the header '{','.join(columns)}'")
+        return list(reader)
+
+
 def read_labels(uri: str) -> dict[str, int]:
     """{relative path: 0 normal / 1 anomalous}; {} when the archive has no labels."""
-    fs, root = open_archive(uri)
-    target = f"{root.rstrip('/')}/_truth/labels.csv"
-    if not fs.exists(target):
-        return {}
-    with fs.open(target, "rb") as f:
-        text = f.read().decode("utf-8")
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-        raise ArchiveError(f"{uri}/_truth/labels.csv: needs the header 'path,label'")
     out: dict[str, int] = {}
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(_truth_csv(uri, "labels.csv", ("path", "label")), start=2):
         try:
             label = int(row["label"])
         except (TypeError, ValueError):
@@ -49,15 +53,8 @@ def read_labels(uri: str) -> dict[str, int]:
 
 def read_defects(uri: str) -> dict[str, str]:
     """{relative path: defect kind} from ``_truth/defects.csv``; {} when there is none."""
-    fs, root = open_archive(uri)
-    target = f"{root.rstrip('/')}/_truth/defects.csv"
-    if not fs.exists(target):
-        return {}
-    with fs.open(target, "rb") as f:
-        reader = csv.DictReader(io.StringIO(f.read().decode("utf-8")))
-        if reader.fieldnames is None or not {"path", "defect"} <= set(reader.fieldnames):
-            raise ArchiveError(f"{uri}/_truth/defects.csv: needs the header 'path,defect'")
-        return {row["path"]: row["defect"] for row in reader if row.get("defect")}
+    rows = _truth_csv(uri, "defects.csv", ("path", "defect"))
+    return {row["path"]: row["defect"] for row in rows if row.get("defect")}
 
 
 def read_mask(uri: str, path: str) -> np.ndarray | None:
