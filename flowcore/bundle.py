@@ -33,6 +33,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundl
 FORMAT = "flowscore-bundle"
 FORMAT_VERSION = 1
 META_FILE = "flowscore.json"
+MAX_META_BYTES = 16 << 20  # a bundle's JSON is a few kB
 WEIGHTS_FILE = "weights.safetensors"
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy")
 
@@ -59,12 +60,15 @@ def _featurizer_from_meta(d: dict[str, Any], where: str) -> FeaturizerModule:
         cfg = featurizer_config_from_dict(d, where=f"{where}: featurizer")
     except ConfigError as e:
         raise BundleError(str(e)) from e
-    if isinstance(cfg, WindowConfig):
-        return WindowFeaturizer(cfg)
-    if isinstance(cfg, MultiScaleConfig):
-        return MultiScaleFeaturizer(cfg)
-    # allocated, not initialised: the strict check below guarantees every tensor is loaded
-    return CNNFeaturizer(cfg, init=False)
+    try:
+        if isinstance(cfg, WindowConfig):
+            return WindowFeaturizer(cfg)
+        if isinstance(cfg, MultiScaleConfig):
+            return MultiScaleFeaturizer(cfg)
+        # allocated, not initialised: the strict check below guarantees every tensor is loaded
+        return CNNFeaturizer(cfg, init=False)
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
+        raise BundleError(f"{where}: featurizer: {e}") from e
 
 
 def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | None = None) -> Path:
@@ -102,10 +106,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise BundleError(
             f"{meta_path}: not found; a bundle is a directory with {META_FILE} and {WEIGHTS_FILE}"
         )
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise BundleError(f"{meta_path}: larger than {MAX_META_BYTES} bytes; not a bundle")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{meta_path}: not valid JSON ({e})") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({str(e)[:200]})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{meta_path}: not a flowscore bundle (format != {FORMAT!r})")
     version = meta.get("format_version")
@@ -118,6 +124,38 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         if not isinstance(meta.get(key), dict):
             raise BundleError(f"{meta_path}: missing or invalid key {key!r}")
     return meta
+
+
+def _finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None (bools, strings, NaN and infinities are not)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _threshold_and_clip(
+    meta: dict[str, Any], where: str
+) -> tuple[float, tuple[float, float] | None]:
+    """The threshold (null: none, i.e. never anomalous) and heatmap clip (null, or two finite
+    numbers low < high); anything else, NaN and infinities included, is a BundleError."""
+    thr = meta.get("threshold")
+    threshold = math.inf
+    if thr is not None:
+        t = _finite(thr)
+        if t is None:
+            raise BundleError(f"{where}: threshold must be a finite number or null, got {thr!r}")
+        threshold = t
+    clip = meta.get("heatmap_clip")
+    if clip is None:
+        return threshold, None
+    lo_hi = [_finite(v) for v in clip] if isinstance(clip, list) and len(clip) == 2 else None
+    if lo_hi is None or lo_hi[0] is None or lo_hi[1] is None or not lo_hi[0] < lo_hi[1]:
+        raise BundleError(
+            f"{where}: heatmap_clip must be null or [low, high], finite, low < high; got "
+            f"{str(clip)[:80]}"
+        )
+    return threshold, (lo_hi[0], lo_hi[1])
 
 
 def _image_score_from_meta(d: Any, where: str) -> ImageScore:
@@ -187,15 +225,19 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     try:
         flow_cfg = flow_config_from_dict(flow_d, where=f"{meta_path}: flow")
     except (TypeError, ValueError) as e:
-        raise BundleError(str(e)) from e
-    clip = meta.get("heatmap_clip")
-    thr = meta.get("threshold")
+        msg = str(e) if str(meta_path) in str(e) else f"{meta_path}: flow: {e}"
+        raise BundleError(msg) from e
+    threshold, clip = _threshold_and_clip(meta, str(meta_path))
+    try:
+        flow = build_flow(n_features, flow_cfg)
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:
+        raise BundleError(f"{meta_path}: flow: {e}") from e
     scorer = Scorer(
         featurizer,
-        build_flow(n_features, flow_cfg),
+        flow,
         flow_config=flow_cfg,
-        threshold=math.inf if thr is None else float(thr),
-        heatmap_clip=(float(clip[0]), float(clip[1])) if clip else None,
+        threshold=threshold,
+        heatmap_clip=clip,
         image_score=_image_score_from_meta(meta.get("image_score"), str(meta_path)),
         calibration=_calibration_from_meta(meta.get("calibration"), str(meta_path)),
     )

@@ -545,11 +545,33 @@ def featurizer_config_to_dict(cfg: FeaturizerConfig) -> dict[str, Any]:
     return d
 
 
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "int | None": (int, type(None)),
+}
+
+
+def _check_types(cls: type, d: dict[str, Any], where: str) -> None:
+    """Scalar fields must hold their annotated type (a bool is not an int here): values from
+    TOML or a bundle's JSON are checked before any dataclass computes with them."""
+    for f in fields(cls):
+        want = _SCALAR_TYPES.get(str(f.type))
+        if want is None or f.name not in d:
+            continue
+        v = d[f.name]
+        if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+            raise ConfigError(f"{where}: {f.name} must be of type {f.type}, got {v!r}")
+
+
 def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     allowed = {f.name for f in fields(cls) if f.init}
     for key in d:
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(allowed))})")
+    _check_types(cls, d, where)
     try:
         return cls(**d)
     except (TypeError, ValueError) as e:
@@ -559,7 +581,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
 def featurizer_config_from_dict(d: dict[str, Any], where: str = "featurizer") -> FeaturizerConfig:
     d = dict(d)
     kind = d.pop("type", None)
-    if kind not in FEATURIZER_TYPES:
+    if not isinstance(kind, str) or kind not in FEATURIZER_TYPES:
         raise ConfigError(f"{where}.type must be one of {sorted(FEATURIZER_TYPES)}, got {kind!r}")
     cfg: FeaturizerConfig = _build(FEATURIZER_TYPES[kind], d, where)
     return cfg

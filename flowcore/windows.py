@@ -80,6 +80,9 @@ class Geometry:
     scale: float
 
 
+MAX_BASIS_ELEMENTS = 1 << 28
+"""Largest PCA basis (d × k values, 1 GiB in float32) a configuration may ask for."""
+
 QUANTISATION_VARIANCE = 1.0 / (12 * 255.0**2)
 """Variance of uniform rounding noise of one 8-bit pixel value in [0, 1] units."""
 
@@ -113,8 +116,15 @@ class WindowConfig:
             raise ValueError("window and stride must be >= 1")
         if not 0 < self.scale <= 1:
             raise ValueError(f"scale must be in (0, 1], got {self.scale}")
+        if self.window > 1024 or self.stride > 1024:
+            raise ValueError("window and stride must be <= 1024")
         if self.components is not None and not 1 <= self.components <= self.dims:
             raise ValueError(f"components must be in [1, {self.dims}] or None")
+        if self.dims * self.kept > MAX_BASIS_ELEMENTS:
+            raise ValueError(
+                f"a basis of {self.dims} × {self.kept} is larger than {MAX_BASIS_ELEMENTS} "
+                "values: use fewer components or smaller windows"
+            )
 
     @property
     def dims(self) -> int:
@@ -200,7 +210,7 @@ class WindowFeaturizer(nn.Module):
         self.cfg = cfg
         d, k = cfg.dims, cfg.kept
         self.register_buffer("mean", torch.zeros(d))
-        self.register_buffer("basis", torch.eye(d)[:, :k].contiguous())
+        self.register_buffer("basis", torch.eye(d, k))
         self.register_buffer("inv_scale", torch.ones(k))
         if cfg.has_residual:
             # σ² of the discarded dimensions (a 1-element tensor: safetensors stores it)

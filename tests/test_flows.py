@@ -151,7 +151,7 @@ def test_config_round_trip_and_errors() -> None:
         flow_config_from_dict({"type": "maf", "widht": 3})
     with pytest.raises(ValueError, match="type must be one of"):
         flow_config_from_dict({"type": "glow"})
-    with pytest.raises(ValueError, match="blocks must be a positive integer"):
+    with pytest.raises(ValueError, match=r"blocks must be an integer in \[1, 1024\]"):
         MAFConfig(blocks=0)
 
 

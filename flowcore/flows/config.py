@@ -13,11 +13,20 @@ from .maf import build_maf
 __all__ = ["MAFConfig", "BNAFConfig", "CouplingConfig", "FlowConfig", "FLOW_TYPES", "build_flow"]
 
 
-def _positive(obj: object, *names: str) -> None:
+MAX_WIDTH = 65_536
+"""Largest hidden width (or hidden factor × D cap below) a flow may have: a config read from a
+bundle must not be able to ask for terabytes before any tensor is checked."""
+MAX_DEPTH = 1_024
+"""Most blocks, flows or layers."""
+
+
+def _positive(obj: object, *names: str, limit: int = MAX_DEPTH) -> None:
     for n in names:
         v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{type(obj).__name__}.{n} must be a positive integer, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+            raise ValueError(
+                f"{type(obj).__name__}.{n} must be an integer in [1, {limit}], got {v!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,8 @@ class MAFConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "blocks", "hidden", "layers")
+        _positive(self, "blocks", "layers")
+        _positive(self, "hidden", limit=MAX_WIDTH)
 
 
 @dataclass(frozen=True)
@@ -64,8 +74,10 @@ class CouplingConfig:
     def __post_init__(self) -> None:
         _positive(self, "blocks")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"CouplingConfig.hidden widths must be >= 1, got {self.hidden}")
+        if len(self.hidden) > MAX_DEPTH or any(not 1 <= h <= MAX_WIDTH for h in self.hidden):
+            raise ValueError(
+                f"CouplingConfig.hidden widths must be in [1, {MAX_WIDTH}], got {self.hidden}"
+            )
         if not self.clamp > 0:
             raise ValueError(f"CouplingConfig.clamp must be > 0, got {self.clamp}")
 
@@ -90,7 +102,7 @@ def flow_config_from_dict(d: dict[str, Any], where: str = "flow") -> FlowConfig:
     """Parse a flow config; errors name ``where`` and the offending key."""
     d = dict(d)
     kind = d.pop("type", None)
-    if kind not in FLOW_TYPES:
+    if not isinstance(kind, str) or kind not in FLOW_TYPES:
         raise ValueError(f"{where}.type must be one of {sorted(FLOW_TYPES)}, got {kind!r}")
     cls = FLOW_TYPES[kind]
     allowed = {f.name for f in fields(cls) if f.init}
@@ -104,6 +116,11 @@ def build_flow(features: int, cfg: FlowConfig) -> Flow:
     """Build the density model for D = ``features`` from a config."""
     if features < 1:
         raise ValueError("features must be >= 1")
+    if isinstance(cfg, BNAFConfig) and cfg.hidden_factor * features > MAX_WIDTH:
+        raise ValueError(
+            f"BNAF hidden width hidden_factor·D = {cfg.hidden_factor * features} exceeds "
+            f"{MAX_WIDTH}"
+        )
     if isinstance(cfg, MAFConfig):
         t = build_maf(
             features,
