@@ -166,8 +166,22 @@ LEGACY_IMAGE_SCORE = ImageScore("neg_p05")
 """What bundles written before the image statistic was stored score with."""
 
 
-def _mean_k_lowest(flat: Tensor, k: int) -> Tensor:
-    return flat.topk(k, dim=1, largest=False).values.mean(dim=1)
+def _statistic(
+    name: str, flat: Tensor, p01: Tensor, p05: Tensor, p50: Tensor, k: int | None
+) -> Tensor:
+    """One of :data:`STATISTICS` of (N, cells) log-likelihoods, from their percentiles and,
+    for ``neg_mean_k_lowest``, k."""
+    if name == "neg_mean_k_lowest":
+        if k is None:
+            raise ValueError("neg_mean_k_lowest needs the grid's geometry (for k)")
+        return -flat.topk(k, dim=1, largest=False).values.mean(dim=1)
+    if name == "neg_p05":
+        return -p05
+    if name == "neg_p01":
+        return -p01
+    if name == "neg_min":
+        return -flat.amin(dim=1)
+    return p50 - p01  # p50_minus_p01
 
 
 def image_statistics(
@@ -180,13 +194,7 @@ def image_statistics(
     q = torch.tensor([0.01, 0.05, 0.5], dtype=flat.dtype, device=flat.device)
     p01, p05, p50 = torch.quantile(flat, q, dim=1)
     k = image_score.k_for(gh, gw, geometry)
-    return {
-        "neg_mean_k_lowest": -_mean_k_lowest(flat, k),
-        "neg_p05": -p05,
-        "neg_p01": -p01,
-        "neg_min": -flat.amin(dim=1),
-        "p50_minus_p01": p50 - p01,
-    }
+    return {name: _statistic(name, flat, p01, p05, p50, k) for name in STATISTICS}
 
 
 def summarize(
@@ -207,22 +215,10 @@ def summarize(
     for p, row in zip(PERCENTILES, pct, strict=True):
         out[f"p{p:02d}"] = row
     out["quality"] = (out["p25"] + out["p50"]) / 2
-    stat = (image_score or LEGACY_IMAGE_SCORE).statistic
-    if stat == "neg_mean_k_lowest":
-        if geometry is None or image_score is None:
-            raise ValueError("neg_mean_k_lowest needs the grid's geometry")
-        k = image_score.k_for(grid.shape[1], grid.shape[2], geometry)
-        out["anomaly_score"] = -_mean_k_lowest(flat, k)
-    elif stat == "neg_p05":
-        out["anomaly_score"] = -out["p05"]
-    elif stat == "neg_p01":
-        out["anomaly_score"] = -out["p01"]
-    elif stat == "neg_min":
-        out["anomaly_score"] = -out["ll_min"]
-    else:  # p50_minus_p01
-        out["anomaly_score"] = out["p50"] - out["p01"]
-    if image_score is not None:
-        out["anomaly_score"] = image_score.apply(out["anomaly_score"])
+    score = image_score or LEGACY_IMAGE_SCORE
+    k = None if geometry is None else score.k_for(grid.shape[1], grid.shape[2], geometry)
+    raw = _statistic(score.statistic, flat, out["p01"], out["p05"], out["p50"], k)
+    out["anomaly_score"] = score.apply(raw)
     return out
 
 
