@@ -297,7 +297,9 @@ def test_read_bytes_rides_out_a_pause_and_names_a_lasting_one(own_s3_server, tmp
         with pytest.raises(StorageUnavailable) as lasting:
             read_bytes(uri)
         took = time.monotonic() - t0
-        assert 1.5 <= took <= 3 + 2, took
+        # bounded: the 3 s budget plus one attempt's timeouts, with room for a busy machine
+        # (5.01 s was seen under a full make test; the unbounded bug took minutes)
+        assert 1.5 <= took <= 3 + 5, took
         assert own_s3_server.endpoint in str(lasting.value) and uri in str(lasting.value)
         with pytest.raises(StorageUnavailable, match="list the archive|open the archive"):
             list(list_archive("s3://outage-bytes/a"))
