@@ -17,12 +17,19 @@
 The lock's lease is 120 s (``FLOWSCORE_LOCK_LEASE_S``): a run killed with ``kill -9`` blocks
 its job for at most that long.
 
+5. **Fenced**: right before each commit the run checks, under the database's clock, that it
+   still holds the lock (renewing its lease). A run that was paused past its lease and whose
+   lock another run took over stops there, commits nothing more and exits 4. The run that
+   takes over a dead run's lock marks that run's ``runs`` row ``failed``.
+
 Exit codes: 0 success; 2 bad spec or unreachable parts; 3 the run finished but its error
-rate passed ``max_error_rate``; 1 anything else.
+rate passed ``max_error_rate``; 4 the run lost its lock to another run and stopped; 1
+anything else.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from typing import Any
 __all__ = ["JobSpec", "JobUsageError", "load_job", "run_job"]
 
 Log = Callable[[str], None]
-EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE = 0, 2, 3
+EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_LOCK_LOST = 0, 2, 3, 4
 
 
 class JobUsageError(ValueError):
@@ -98,6 +105,23 @@ def load_job(path: str | Path) -> JobSpec:
     return spec
 
 
+LEASE_ENV = "FLOWSCORE_LOCK_LEASE_S"
+
+
+def lock_lease_s() -> float:
+    """The job lock's lease in seconds: ``FLOWSCORE_LOCK_LEASE_S``, default 120."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return 120.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise JobUsageError(f"{LEASE_ENV} must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 def run_job(
     path: str | Path,
     *,
@@ -109,9 +133,10 @@ def run_job(
     from jobs.score import ScoreRequest, ScoreUsageError, check_bundle, model_identity, run_score
     from pipelines import tables, tracking
     from pipelines.archive import ArchiveError, list_archive, open_archive
-    from pipelines.lock import JobLock, LockHeld
+    from pipelines.lock import JobLock, LockHeld, LockLost
 
     spec = load_job(path)
+    lease = lock_lease_s()
     # -- validate everything before touching anything
     try:
         open_archive(spec.archive)
@@ -135,7 +160,6 @@ def run_job(
     pinned = f"models:/{name}/{version}" if resolved.version else str(resolved.path)
     log(f"job {spec.name}: model {spec.model} -> {name} version {version}")
 
-    lease = float(os.environ.get("FLOWSCORE_LOCK_LEASE_S", "120"))
     lock = JobLock(tables.catalog_config()["uri"], spec.name, lease_s=lease)
     try:
         lock.acquire()
@@ -146,8 +170,10 @@ def run_job(
             t = lock.took_over
             log(
                 f"took over the lock of {t.holder}, whose lease expired at "
-                f"{t.expires_at:%Y-%m-%d %H:%M:%S} UTC (that run died)"
+                f"{t.expires_at:%Y-%m-%d %H:%M:%S} UTC (that run died or stopped answering)"
             )
+            for dead in tables.mark_dead_runs(catalog, spec.name, f"found dead by {lock.holder}"):
+                log(f"marked run {dead} of job {spec.name} failed (its lease had expired)")
         try:
             listed = list(list_archive(spec.archive))
         except ArchiveError as e:
@@ -169,21 +195,26 @@ def run_job(
         if not todo:
             out(f"job {spec.name}: nothing new to score ({len(listed)} images already done)")
             return EXIT_OK
-        result = run_score(
-            ScoreRequest(
-                archive=spec.archive,
-                model=pinned,
-                actors=spec.actors,
-                use_gpu=spec.use_gpu,
-                heatmaps=spec.heatmaps,
-                commit_every=spec.commit_every,
-                job=spec.name,
-                ray_address=ray_address,
-                skip=frozenset(done),
-                resolved=resolved,  # pinned and checked above: not asked for or loaded again
-            ),
-            log,
-        )
+        with lock.fencing((tables.IMAGE_SCORES, tables.SCORING_ERRORS)):
+            result = run_score(
+                ScoreRequest(
+                    archive=spec.archive,
+                    model=pinned,
+                    actors=spec.actors,
+                    use_gpu=spec.use_gpu,
+                    heatmaps=spec.heatmaps,
+                    commit_every=spec.commit_every,
+                    job=spec.name,
+                    ray_address=ray_address,
+                    skip=frozenset(done),
+                    resolved=resolved,  # pinned and checked above: not asked for or loaded again
+                    fence=lock.check,
+                ),
+                log,
+            )
+    except LockLost as e:
+        log(str(e))
+        return EXIT_LOCK_LOST
     finally:
         lock.release()
     out(

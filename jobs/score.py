@@ -66,6 +66,9 @@ class ScoreRequest:
     # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
     # the bundle not loaded twice (the nightly job pins and checks its version at start)
     resolved: Any = None
+    # called right before each commit; raises to stop the run (the nightly job's lock
+    # fencing, pipelines.lock.JobLock.check)
+    fence: Callable[[], None] | None = None
 
 
 @dataclass
@@ -121,6 +124,7 @@ def check_bundle(path: str | Path) -> None:
 def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     from pipelines import tables, tracking
     from pipelines.archive import ArchiveError, check_archive_uri, list_archive
+    from pipelines.lock import LockLost
     from pipelines.raycluster import cluster_cpus, ensure_ray, plan_workers
     from pipelines.score import ChunkResult, ScoreConfig, score_stream, stream_buffer_per_actor
 
@@ -242,10 +246,14 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 catalog_kwargs=tables.catalog_config(),
                 on_commit=on_commit,
                 on_progress=lambda n: log(f"  scoring: {eta(n)}, {scored + failed} committed"),
+                before_commit=req.fence or (lambda: None),
             )
         else:
             log("nothing to score")
         status = "succeeded"
+    except LockLost as e:
+        _warn(warnings, log, str(e))
+        raise
     finally:
         seconds = time.perf_counter() - t0
         outcome = ScoreOutcome(

@@ -35,6 +35,8 @@ from .archive import (
     decode_image,
     read_bytes,
 )
+from .errors import find_in_chain
+from .lock import LockLost
 
 __all__ = [
     "ScoreConfig",
@@ -322,9 +324,12 @@ def score_stream(
     catalog_kwargs: dict[str, Any],
     on_commit: Callable[[ChunkResult], None] = lambda r: None,
     on_progress: Callable[[int], None] = lambda done: None,
+    before_commit: Callable[[], None] = lambda: None,
 ) -> None:
     """Score ``entries`` as one stream and commit every ``commit_every`` images: one UPSERT
     into ``image_scores`` and one into ``scoring_errors`` (each an atomic Iceberg commit).
+    ``before_commit`` runs right before each commit and stops the run by raising (the nightly
+    job's lock fencing: a run that lost its lock commits nothing more).
 
     The stream (decode tasks -> scorer actors) keeps running while the driver commits the
     previous chunk, and the actors load the bundle once per segment, not once per commit.
@@ -351,8 +356,15 @@ def score_stream(
 
     def commit(rows: pa.Table) -> None:
         nonlocal t_chunk
+        before_commit()
         t_commit = time.perf_counter()
-        scored, failed = _commit(rows, cfg.run_id, scores_schema, errors_schema, catalog_kwargs)
+        try:
+            scored, failed = _commit(rows, cfg.run_id, scores_schema, errors_schema, catalog_kwargs)
+        except Exception as e:
+            lost = find_in_chain(e, LockLost)  # the commit's own fence (JobLock.fencing)
+            if lost is not None and lost is not e:
+                raise lost from None
+            raise
         now = time.perf_counter()
         on_commit(ChunkResult(scored, failed, now - t_chunk, now - t_commit))
         t_chunk = now

@@ -52,12 +52,13 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
+from .errors import exception_chain
 from .redact import redact
 
 __all__ = [
@@ -398,22 +399,6 @@ def retry_transient(
 # ---------------------------------------------------------------- reporting
 
 
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """``e`` and every exception behind it: ``__cause__``, ``__context__`` and the ``cause``
-    of Ray's task errors, each once, breadth first."""
-    seen: set[int] = set()
-    queue: list[BaseException] = [e]
-    while queue:
-        x = queue.pop(0)
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        for nxt in (getattr(x, "cause", None), x.__cause__, x.__context__):
-            if isinstance(nxt, BaseException):
-                queue.append(nxt)
-
-
 _UNAVAILABLE_LINE = re.compile(
     rf"^(?:{re.escape(__name__)}\.)?{StorageUnavailable.__name__}: (.+)$", re.MULTILINE
 )
@@ -427,7 +412,7 @@ def storage_failure(e: BaseException) -> str | None:
     (Ray Data re-raises a task's exception as ``UserCodeException`` and keeps the original
     only as text in the message); else a transient S3 error (e.g. pyarrow's ``AWS Error
     NETWORK_CONNECTION`` from a table write that outlasted Ray's and the client's retries)."""
-    chain = list(_chain(e))
+    chain = list(exception_chain(e))
     for x in chain:
         if isinstance(x, StorageUnavailable):
             message = getattr(x, "message", None)

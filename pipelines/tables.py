@@ -89,6 +89,7 @@ __all__ = [
     "record_run_end",
     "existing_keys",
     "error_keys",
+    "mark_dead_runs",
     "snapshot_files",
     "has_delete_files",
     "scan_files",
@@ -680,6 +681,25 @@ def record_run_end(
     if warnings is not None:
         row["warnings"] = warnings
     upsert(catalog, RUNS, pa.Table.from_pylist([row]), ["run_id"])
+
+
+def mark_dead_runs(catalog: Catalog, job: str, note: str) -> list[str]:
+    """Mark every ``running`` row of ``job`` in ``runs`` as ``failed``, appending ``note`` to
+    its warnings; the run ids. Called by a run that has just taken over the job's lock from a
+    run whose lease expired: no other run of the job can be alive then."""
+    from pyiceberg.expressions import And, EqualTo
+
+    tbl = load_table(catalog, RUNS)
+    if tbl is None:
+        return []
+    rows = tbl.scan(row_filter=And(EqualTo("job", job), EqualTo("status", "running")))
+    dead = rows.to_arrow().to_pylist()
+    for row in dead:
+        row["status"] = "failed"
+        row["warnings"] = "; ".join(w for w in (row.get("warnings"), note) if w)
+    if dead:
+        upsert(catalog, RUNS, pa.Table.from_pylist(dead), ["run_id"])
+    return [row["run_id"] for row in dead]
 
 
 # ---------------------------------------------------------------- reads

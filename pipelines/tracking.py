@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
+from .errors import exception_chain
 from .paths import flowscore_home
 from .redact import is_secret_name, redact
 
@@ -224,15 +225,6 @@ def http_request_budget_s() -> float:
     return (retries + 1) * timeout + backoff
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
 def _server_failure(exc: BaseException) -> str | None:
     """A short reason why requests to a server failed (refused, no answer in time), with the
     number of attempts; None when the cause chain says neither."""
@@ -240,7 +232,7 @@ def _server_failure(exc: BaseException) -> str | None:
 
     attempts = max(0, int(_env_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES))) + 1
     timeout = _env_number("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
-    causes = list(_chain(exc))
+    causes = list(exception_chain(exc))
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return f"connection refused ({attempts} attempt(s))"
     if any(isinstance(c, ReadTimeoutError) for c in causes):
@@ -275,7 +267,7 @@ def _is_unreachable(exc: BaseException) -> bool:
     from sqlalchemy.exc import OperationalError  # a dependency of mlflow
 
     unreachable = requests.RequestException | ConnectionError | TimeoutError | OperationalError
-    return any(isinstance(cur, unreachable) for cur in _chain(exc))
+    return any(isinstance(cur, unreachable) for cur in exception_chain(exc))
 
 
 def _unreachable_message(uri: str, doing: str, exc: BaseException) -> str:

@@ -213,6 +213,52 @@ def test_two_runs_of_one_job_started_at_once(ray_address, flowscore_home, tmp_pa
     assert run["status"] == "succeeded" and run["images_scored"] == 12
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_a_run_paused_past_its_lease_commits_nothing_more(
+    ray_address, flowscore_home, tmp_path, bundle, cli
+):
+    """Run A is paused with SIGSTOP after its first commit, for longer than its lease. Run B
+    takes the lock over, marks A's ``runs`` row failed and scores the rest. A is resumed: it
+    stops before its next commit (exit 4, "lost its lock"), so the two never interleave and
+    every image is in the tables once."""
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="factory", images=40, seed=21, height=64, width=96)
+    job = write_job(tmp_path, archive, str(bundle), name="fenced", commit_every=2)
+    env = child_env(flowscore_home, FLOWSCORE_LOCK_LEASE_S="3")
+    # A starts its own embedded Ray: its idle actors, paused with it, must not hold the CPUs
+    # of the session's cluster that B joins
+    a = cli(["run", str(job)], {**env, "RAY_ADDRESS": "local"}, "a")
+    a.wait_for("commit 1/20", 240)
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        time.sleep(5)  # past A's 3 s lease
+        b = cli(["run", str(job), "--ray-address", ray_address], env, "b")
+        assert b.finish(240) == 0, b.stderr()[-4000:]
+        assert "took over the lock" in b.stderr()
+        runs = {r["run_id"]: r for r in read_table("runs").to_pylist()}
+        (b_id,) = [i for i, r in runs.items() if r["status"] == "succeeded"]
+        (a_id,) = [i for i in runs if i != b_id]
+        assert runs[a_id]["status"] == "failed"  # found dead by B
+        assert "found dead by" in (runs[a_id]["warnings"] or "")
+
+        def rows_a() -> list[str]:
+            rows = read_table("image_scores").to_pylist()
+            return sorted(r["image_uri"] for r in rows if r["run_id"] == a_id)
+
+        before = rows_a()
+        assert 2 <= len(before) < 40
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    assert a.finish(120) == 4, a.stderr()[-4000:]
+    assert "lost its lock" in a.stderr() and "commits nothing more" in a.stderr()
+    assert rows_a() == before  # nothing committed by A after it was resumed
+    check_exactly_once(archive)
+    assert len(read_table("image_scores")) == 40
+    runs = {r["run_id"]: r for r in read_table("runs").to_pylist()}
+    assert runs[a_id]["status"] == "failed" and runs[b_id]["status"] == "succeeded"
+
+
 # ---------------------------------------------------------------- promise 4: alias pinned
 
 

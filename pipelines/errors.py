@@ -1,0 +1,34 @@
+"""Walking an exception's causes (one definition, used by storage, tracking and scoring)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TypeVar
+
+__all__ = ["exception_chain", "find_in_chain"]
+
+E = TypeVar("E", bound=BaseException)
+
+
+def exception_chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception behind it: ``__cause__``, ``__context__`` and the ``cause``
+    of Ray's task errors, each once, breadth first."""
+    seen: set[int] = set()
+    queue: list[BaseException] = [e]
+    while queue:
+        x = queue.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        for nxt in (getattr(x, "cause", None), x.__cause__, x.__context__):
+            if isinstance(nxt, BaseException):
+                queue.append(nxt)
+
+
+def find_in_chain(e: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` in :func:`exception_chain` of ``e``, or None."""
+    for x in exception_chain(e):
+        if isinstance(x, kind):
+            return x
+    return None
