@@ -85,6 +85,7 @@ def save_roc_curves(
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    _plain_text()
     fig = Figure(figsize=(5.5, 5.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -121,6 +122,7 @@ def save_loss_curve(path: str | Path, history: list[dict[str, float]], title: st
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    _plain_text()
     fig = Figure(figsize=(6.0, 4.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -150,6 +152,15 @@ def save_loss_curve(path: str | Path, history: list[dict[str, float]], title: st
 # Each takes plain arrays, draws on a bare matplotlib ``Figure`` with the Agg canvas (no
 # pyplot state) and writes one PNG; the caller (``jobs/report.py``) does the SQL.
 
+
+def _plain_text() -> None:
+    """Labels are data (file names, path values such as ``$5``): never parsed as mathtext,
+    where ``$…$`` would be a formula and a lone ``$`` an error. Set before any Text exists."""
+    import matplotlib
+
+    matplotlib.rcParams["text.parse_math"] = False
+
+
 _BIN_COLOURS = ("#8b0000", "#d2691e", "#daa520", "#6b8e23", "#2e8b57", "#4682b4", "#6a5acd")
 
 
@@ -157,6 +168,7 @@ def _figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    _plain_text()
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     return fig

@@ -1,6 +1,8 @@
 """``flowscore report --out DIR [--run ID]``: one self-contained HTML page about a scoring run.
 
-The page is ``DIR/index.html`` with its pictures in ``DIR/images/*.png``: no external CSS,
+The page is ``DIR/index.html`` with its pictures in ``DIR/images-<build>/*.png`` (a new
+folder per build, swapped in with the page in one rename; earlier builds' folders are then
+removed): no external CSS,
 JavaScript or fonts, only relative links, so the directory can be zipped, mailed or served
 as it is. Everything comes from the tables through :func:`jobs.query.connect` (SQL over the
 current Iceberg snapshots); the originals are read again from their ``image_uri``.
@@ -13,7 +15,7 @@ A run with no rows in ``image_scores`` but with error rows is reported (header a
 a run with neither, an unknown run id or empty tables raise :class:`ReportUsageError` (the
 CLI exits 2), the message listing the recent runs.
 
-Contents (``images/`` file names):
+Contents (PNG file names):
 
 1. header: run id, job, model name/version, archive, start/end, status, counts and images/s
    from ``runs``, plus the rows this run still has in the tables;
@@ -46,6 +48,8 @@ import html
 import math
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +153,7 @@ class _Page:
     clip: tuple[float, float] | None = None
     clip_source: str = ""
     has_heatmaps: bool = False
+    images: str = IMAGES_DIR  # this build's folder of PNGs, relative to the report directory
 
     def note(self, section: str, text: str) -> None:
         self.notes.setdefault(section, []).append(text)
@@ -433,7 +438,7 @@ def _overlays(page: _Page, out: Path, log: Log) -> None:
     missing_heatmaps = 0
     for kind, rows in (("worst", page.worst), ("best", page.best)):
         for i, row in enumerate(rows, 1):
-            name = f"{IMAGES_DIR}/{kind}_{i:02d}.png"
+            name = f"{page.images}/{kind}_{i:02d}.png"
             written, note = _image_picture(row, out / name, page.clip)
             row["_picture"] = name if written else None
             row["_note"] = note
@@ -483,7 +488,7 @@ def _boxplots(
     if not boxes:
         page.note("boxplots", "the picked images have no finite window log-likelihoods.")
         return
-    name = f"{IMAGES_DIR}/quality_boxplots.png"
+    name = f"{page.images}/quality_boxplots.png"
     save_image_boxplots(
         out / name,
         boxes,
@@ -527,7 +532,7 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
 
     quality = _numpy(data, "quality")
     finite = np.isfinite(quality)
-    name = f"{IMAGES_DIR}/quality_hist.png"
+    name = f"{page.images}/quality_hist.png"
     save_histogram(
         out / name, quality, f"quality of {int(finite.sum())} images", "quality (higher = better)"
     )
@@ -554,7 +559,7 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
             f"the scatter shows {MAX_SCATTER} of {t.size} images; the median uses all.",
         )
         t, v, f = t[keep], v[keep], f[keep]
-    name = f"{IMAGES_DIR}/quality_trend.png"
+    name = f"{page.images}/quality_trend.png"
     save_trend(out / name, t, v, f, line, "quality over capture time", "quality")
     page.pictures["trend"] = name
 
@@ -577,7 +582,7 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
         ordered = sorted(groups, key=_natural_key)
         panels.append((col, [(g, np.asarray(groups[g])) for g in ordered]))
     if panels:
-        name = f"{IMAGES_DIR}/quality_by_path.png"
+        name = f"{page.images}/quality_by_path.png"
         save_grouped_boxplots(out / name, panels, "quality")
         page.pictures["by_path"] = name
     elif page.path_columns:
@@ -620,7 +625,7 @@ def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) ->
     for g in groups:
         g["examples"] = by_group.get((g["stage"], g["error_type"]), [])
     page.error_groups = groups
-    name = f"{IMAGES_DIR}/errors_by_type.png"
+    name = f"{page.images}/errors_by_type.png"
     save_bar_chart(
         out / name,
         [f"{g['stage']} / {g['error_type']}"[:60] for g in groups],
@@ -816,13 +821,14 @@ def _html(page: _Page, top: int) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def _clear_old(images: Path) -> None:
-    """Remove the PNGs an earlier report left in ``images`` (names this module writes)."""
-    pattern = re.compile(r"^(worst_\d+|best_\d+|quality_\w+|errors_by_type)\.png$")
-    if images.is_dir():
-        for p in images.iterdir():
-            if p.is_file() and pattern.match(p.name):
-                p.unlink()
+_IMAGES_RE = re.compile(rf"^{IMAGES_DIR}(-[0-9a-f]{{12}})?$")
+
+
+def _remove_other_builds(out: Path, keep: str) -> None:
+    """Remove the PNG folders of earlier reports (``images``, ``images-<12 hex>``)."""
+    for p in out.iterdir():
+        if p.name != keep and p.is_dir() and _IMAGES_RE.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAULT_TOP) -> Path:
@@ -867,18 +873,26 @@ def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAUL
             )
         if run.rows == 0:
             page.note("header", "this run has no rows left in image_scores.")
-        images_dir = out / IMAGES_DIR
-        images_dir.mkdir(parents=True, exist_ok=True)
-        _clear_old(images_dir)
-        if run.rows:
-            _scored_sections(con, page, out, top, log)
-        _errors(con, page, out, log)
+        # a new folder per build: the old index.html keeps its pictures until the new one
+        # replaces it in one rename, so a reader (or a crash) never sees a page whose PNGs
+        # are gone or half-written
+        page.images = f"{IMAGES_DIR}-{uuid.uuid4().hex[:12]}"
+        images_dir = out / page.images
+        images_dir.mkdir(parents=True)
+        try:
+            if run.rows:
+                _scored_sections(con, page, out, top, log)
+            _errors(con, page, out, log)
+            index = out / "index.html"
+            tmp = out / f".index.html.{os.getpid()}.tmp"
+            tmp.write_text(_html(page, top), encoding="utf-8")
+            os.replace(tmp, index)
+        except BaseException:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            raise
     finally:
         con.close()
-    index = out / "index.html"
-    tmp = out / f".index.html.{os.getpid()}.tmp"
-    tmp.write_text(_html(page, top), encoding="utf-8")
-    os.replace(tmp, index)
+    _remove_other_builds(out, keep=page.images)
     log(f"report: wrote {index}")
     return index
 

@@ -167,6 +167,8 @@ def world(tmp_path_factory) -> dict:
                 "error_type": "UnidentifiedImageError" if i else "FileNotFoundError",
                 "message": SCRIPT_MSG if i == 1 else f"problem {i}",
                 "at": datetime(2024, 2, 4, 0, 0, 5),
+                "model_version": common[1],
+                "retryable": not i,
             }
             for i in range(3)
         ]
@@ -174,7 +176,7 @@ def world(tmp_path_factory) -> dict:
             cat,
             "scoring_errors",
             pa.Table.from_pylist(errors, schema=tables.SCORING_ERRORS_SCHEMA),
-            ["image_uri", "etag"],
+            ["image_uri", "etag", "model_version"],
         )
     finally:
         if old_home is None:
@@ -193,6 +195,12 @@ def home(world, monkeypatch) -> dict:
 
 def _img_srcs(page: str) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', page)
+
+
+def _images(index: Path) -> Path:
+    """The folder of PNGs the page uses (one per build: ``images-<12 hex>``)."""
+    (folder,) = {Path(html.unescape(s)).parent for s in _img_srcs(index.read_text())}
+    return index.parent / folder
 
 
 def _check_images(index: Path) -> list[str]:
@@ -240,7 +248,7 @@ def test_default_run_report(home, tmp_path):
     assert "UnidentifiedImageError" in page and "FileNotFoundError" in page
     assert any("wrote" in ln for ln in lines)
     # side by side: original | overlay is wider than one panel
-    with Image.open(index.parent / "images" / "best_01.png") as im:
+    with Image.open(_images(index) / "best_01.png") as im:
         assert im.size == (2 * W + 8, H)
 
 
@@ -262,7 +270,7 @@ def test_null_heatmaps(home, tmp_path):
     assert "--no-heatmaps" in page
     assert "quality_boxplots.png" not in " ".join(srcs)
     assert "no errors" in page
-    with Image.open(index.parent / "images" / "worst_01.png") as im:
+    with Image.open(_images(index) / "worst_01.png") as im:
         assert im.size == (W, H)  # the original alone
 
 
@@ -389,3 +397,46 @@ def test_report_renders_in_headless_chromium(home, tmp_path):
         [*cmd, index.as_uri()], capture_output=True, text=True, timeout=120, env=env
     )
     assert res.returncode == 0 and "flowscore report: run r-new" in res.stdout
+
+
+def test_dollar_signs_in_paths_and_a_rebuild_that_leaves_no_stale_pictures(tmp_path, monkeypatch):
+    """File names and path values with ``$…$`` are labels, not mathtext formulas; a second
+    report into the same folder replaces the first whole: one folder of pictures, every
+    picture the page names exists."""
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    cat = tables.load_catalog_()
+    tables.ensure_tables(cat, ["camera", "year"])
+    rng = np.random.default_rng(1)
+    rows = []
+    for k in range(8):
+        p = (
+            tmp_path
+            / "archive"
+            / f"year=$20{k % 2}$"
+            / f"camera=$x^{k}$"
+            / f"img_$\\nocommand{k}$.png"
+        )
+        _write_image(p, rng)
+        cam, year = f"$x^{k}$", f"$20{k % 2}$"
+        rows.append(
+            _row(
+                _uri(p),
+                f"{k}-1",
+                cam,
+                year,
+                T0 + timedelta(days=k),
+                "r-dollar",
+                "grain",
+                "sha-cccccccccccc",
+                _heatmap(rng, 10.0 * (k == 3)),
+            )
+        )
+    _upsert_scores(cat, rows)
+    _record_run(cat, "r-dollar", datetime(2024, 3, 1), "sha-cccccccccccc", 8)
+    out = tmp_path / "rep"
+    first = _images(run_report(out, None, lambda _: None))
+    index = run_report(out, None, lambda _: None)
+    second = _images(index)
+    assert first != second and not first.exists()
+    assert [p.name for p in out.iterdir() if p.is_dir()] == [second.name]
+    _check_images(index)
