@@ -42,6 +42,7 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     from jobs.nightly import run_job
     from jobs.query import run_query
     from jobs.report import run_report
+    from jobs.tomlfile import toml_string
     from jobs.train import TrainRequest, run_train
     from pipelines import tables, tracking
     from pipelines.synth import write_archive
@@ -105,7 +106,7 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     job = workdir / "demo-nightly.toml"
     job.write_text(
         "# the nightly job of the demo: `flowscore run` this file again to score what is new\n"
-        f'[job]\nname = "demo-nightly"\narchive = "{archive}"\n'
+        f'[job]\nname = "demo-nightly"\narchive = {toml_string(str(archive))}\n'
         'model = "models:/demo-grain@champion"\n'
         "[score]\nactors = 1\ncommit_every = 50\nmax_error_rate = 0.05\n"
     )
