@@ -118,7 +118,7 @@ def _only(values: list[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
         key, sep, vals = text.partition("=")
         if not sep or not key or not vals:
             raise UsageError(f"--only expects KEY=V1[,V2...], e.g. year=2017,2018; got {text!r}")
-        out[key] = tuple(v for v in vals.split(",") if v)
+        out[key.lower()] = tuple(v for v in vals.split(",") if v)  # path keys are lower-cased
     return tuple(out.items())
 
 
@@ -673,9 +673,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err("interrupted")
         return 130
     except Exception as e:
-        from pipelines.storage import StorageConfigError, storage_failure
+        from pipelines.settings import SettingError
+        from pipelines.storage import storage_failure
 
-        if isinstance(e, StorageConfigError):
+        if isinstance(e, SettingError):  # a bad FLOWSCORE_* number
             _err(str(e))
             return EXIT_USAGE
         line = storage_failure(e)  # also inside Ray task errors and exceptions they caused

@@ -11,8 +11,9 @@ store). See "Archive layout" in DESIGN.md. The rules implemented here:
   directory or the file name) starts with ``_`` or ``.`` (ground truth, tool files). The
   components of the root itself are not checked.
 * Directory segments ``key=value`` become string columns, in path order. Only keys that look
-  like identifiers (``[A-Za-z][A-Za-z0-9_]*``) count; a key repeated deeper overrides the
-  shallower value.
+  like identifiers (``[A-Za-z][A-Za-z0-9_]*``) count, lower-cased (SQL names are
+  case-insensitive: ``Camera=1/`` and ``camera=2/`` are one column ``camera``, not two that
+  clash in ``query``); a key repeated deeper overrides the shallower value.
 * ``image_uri`` is canonical and absolute: ``s3://bucket/key`` or ``file:///abs/path``
   (no percent-encoding, like fsspec). ``etag`` is the S3 ETag without quotes, or locally
   ``f"{size}-{mtime_ns}"``, so rewriting a file changes it.
@@ -38,6 +39,7 @@ composited onto black).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import stat
@@ -53,6 +55,8 @@ from PIL import Image, ImageOps
 
 from .redact import has_userinfo, redact
 from .storage import S3FS_RETRIES, StorageUnavailable, retry_transient, s3fs_kwargs
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -358,12 +362,13 @@ def is_image_path(path: str) -> bool:
 
 
 def parse_columns(path: str) -> dict[str, str]:
-    """The ``key=value`` directory segments of a relative path (the file name is ignored)."""
+    """The ``key=value`` directory segments of a relative path (the file name is ignored),
+    keys lower-cased."""
     columns: dict[str, str] = {}
     for segment in path.split("/")[:-1]:
         key, sep, value = segment.partition("=")
         if sep and _KEY_RE.fullmatch(key):
-            columns[key] = value
+            columns[key.lower()] = value
     return columns
 
 
@@ -381,12 +386,30 @@ def _naive_utc(value: Any) -> datetime | None:
     return None
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int, int]]:
+FOLLOW_LINKS_ENV = "FLOWSCORE_FOLLOW_SYMLINKS"
+
+
+def follow_links_outside() -> bool:
+    """Whether symbolic links that lead out of a local archive's root are followed
+    (``FLOWSCORE_FOLLOW_SYMLINKS=1``; default: skipped)."""
+    return os.environ.get(FOLLOW_LINKS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _inside(path: str, real_root: str) -> bool:
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _walk_local(root: str, *, follow_outside: bool = False) -> Iterator[tuple[str, int, int]]:
     """``(relative path, size, mtime_ns)`` for every candidate image under ``root``.
 
     Prunes ``_``/``.`` directories without entering them. Symlinked directories are
-    followed, each real directory at most once (no cycles); broken links are skipped.
+    followed, each real directory at most once (no cycles); broken links are skipped. A
+    link (to a file or a directory) whose target lies outside ``root`` is skipped, with one
+    warning per listing, unless ``follow_outside``: an archive is what is under its root.
     """
+    real_root = os.path.realpath(root)
+    outside = 0
     root_stat = os.stat(root)
     seen: set[tuple[int, int]] = {(root_stat.st_dev, root_stat.st_ino)}
     stack: list[tuple[str, str]] = [(root, "")]
@@ -406,6 +429,9 @@ def _walk_local(root: str) -> Iterator[tuple[str, int, int]]:
                 st = entry.stat()  # follows symlinks
             except OSError:
                 continue  # broken link or vanished
+            if not follow_outside and entry.is_symlink() and not _inside(entry.path, real_root):
+                outside += 1
+                continue
             if stat.S_ISDIR(st.st_mode):
                 key = (st.st_dev, st.st_ino)
                 if key not in seen:
@@ -413,6 +439,13 @@ def _walk_local(root: str) -> Iterator[tuple[str, int, int]]:
                     stack.append((entry.path, rel))
             elif stat.S_ISREG(st.st_mode) and name.lower().endswith(IMAGE_EXTENSIONS):
                 yield rel, st.st_size, st.st_mtime_ns
+    if outside:
+        _log.warning(
+            "skipped %d symbolic link(s) under %s that lead outside it (%s=1 follows them)",
+            outside,
+            root,
+            FOLLOW_LINKS_ENV,
+        )
 
 
 def list_archive(uri: str) -> Iterator[ArchiveEntry]:
@@ -430,7 +463,7 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
     fs, root = open_archive(uri)
     scheme, _ = _split_uri(uri)
     if scheme == "file":
-        local = sorted(_walk_local(root))
+        local = sorted(_walk_local(root, follow_outside=follow_links_outside()))
         for rel, size, mtime_ns in local:
             yield ArchiveEntry(
                 image_uri=_local_uri(os.path.join(root, *rel.split("/"))),

@@ -60,6 +60,7 @@ import pyarrow.fs as pafs
 
 from .errors import exception_chain
 from .redact import redact
+from .settings import SettingError, env_number
 
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
@@ -100,7 +101,7 @@ _log = logging.getLogger("flowscore.storage")
 _R = TypeVar("_R")
 
 
-class StorageConfigError(ValueError):
+class StorageConfigError(SettingError):
     """A ``FLOWSCORE_S3_*`` variable has a bad value (exit code 2)."""
 
 
@@ -131,17 +132,7 @@ class S3Settings:
 
 
 def _number(name: str, default: float, *, integer: bool, minimum: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = None
-    if value is None or value != value or value < minimum or value == float("inf"):
-        kind = "an integer" if integer else "a number"
-        raise StorageConfigError(f"{name} must be {kind} >= {minimum:g}, got {raw!r}")
-    return value
+    return env_number(name, default, minimum=minimum, integer=integer, error=StorageConfigError)
 
 
 def s3_settings() -> S3Settings:

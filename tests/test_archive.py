@@ -200,6 +200,9 @@ def test_read_bytes_missing_file_is_a_read_error(tmp_path: Path):
 def test_parse_columns():
     assert parse_columns("a=1/b=x=y/plain/c=/f=9.jpg") == {"a": "1", "b": "x=y", "c": ""}
     assert parse_columns("=1/9x=2/ok_1=3/img.png") == {"ok_1": "3"}
+    # keys differing only in case are one column (SQL names are case-insensitive)
+    assert parse_columns("Camera=1/img.jpg") == parse_columns("camera=1/img.jpg") == {"camera": "1"}
+    assert parse_columns("YEAR=2017/Year=2018/img.jpg") == {"year": "2018"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,3 +534,32 @@ def test_exif_offset_converted_to_utc():
 )
 def test_timestamp_from_name(name: str, expected: datetime | None):
     assert timestamp_from_name(name) == expected
+
+
+def test_symlinks_leading_out_of_the_archive_are_skipped_unless_asked(
+    tmp_path, monkeypatch, caplog
+):
+    root = tmp_path / "archive"
+    (root / "year=2017").mkdir(parents=True)
+    (root / "year=2017" / "a.jpg").write_bytes(b"x")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "secret").mkdir(parents=True)
+    (elsewhere / "outside.jpg").write_bytes(b"y")
+    (elsewhere / "secret" / "s.jpg").write_bytes(b"z")
+    (root / "year=2017" / "link-out.jpg").symlink_to(elsewhere / "outside.jpg")
+    (root / "year=2018").symlink_to(elsewhere / "secret")  # a directory outside
+    (root / "year=2019").mkdir()
+    (root / "year=2019" / "link-in.jpg").symlink_to(root / "year=2017" / "a.jpg")  # inside
+    monkeypatch.delenv("FLOWSCORE_FOLLOW_SYMLINKS", raising=False)
+    with caplog.at_level("WARNING", logger="pipelines.archive"):
+        paths = [e.path for e in list_archive(str(root))]
+    assert paths == ["year=2017/a.jpg", "year=2019/link-in.jpg"]
+    assert "skipped 2 symbolic link(s)" in caplog.text
+    monkeypatch.setenv("FLOWSCORE_FOLLOW_SYMLINKS", "1")
+    paths = [e.path for e in list_archive(str(root))]
+    assert paths == [
+        "year=2017/a.jpg",
+        "year=2017/link-out.jpg",
+        "year=2018/s.jpg",
+        "year=2019/link-in.jpg",
+    ]
