@@ -9,7 +9,9 @@
    over once its lease has expired.
 3. **Incremental**: list the archive and subtract what the tables already hold for the
    pinned version, by ``(image_uri, etag)``: rows of ``image_scores`` and files that already
-   failed (``scoring_errors``; the same bytes would fail the same way). A replaced file has a
+   failed *under that version* with a permanent error (``scoring_errors``, decode or score:
+   the same bytes would fail the same way). A read error (``retryable``) is tried again; a
+   file that failed under another model version is scored by this one. A replaced file has a
    new etag and is scored again. A second run over an unchanged archive scores nothing.
 4. **Resumable**: scoring commits every ``commit_every`` images, so after a kill the next run
    finds the committed chunks in the tables and does only the rest.
@@ -29,8 +31,6 @@ anything else.
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +110,12 @@ LEASE_ENV = "FLOWSCORE_LOCK_LEASE_S"
 
 def lock_lease_s() -> float:
     """The job lock's lease in seconds: ``FLOWSCORE_LOCK_LEASE_S``, default 120."""
-    raw = os.environ.get(LEASE_ENV, "").strip()
-    if not raw:
-        return 120.0
+    from pipelines.settings import SettingError, env_number
+
     try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise JobUsageError(f"{LEASE_ENV} must be a number of seconds > 0, got {raw!r}")
-    return value
+        return env_number(LEASE_ENV, 120.0, minimum=0, above=True)
+    except SettingError as e:
+        raise JobUsageError(str(e)) from e
 
 
 def run_job(
@@ -179,7 +175,9 @@ def run_job(
         except ArchiveError as e:
             raise JobUsageError(f"{path}: job.archive: {e}") from e
         uris = {e.image_uri for e in listed}
-        done = tables.existing_keys(catalog, version, uris) | tables.error_keys(catalog, uris)
+        done = tables.existing_keys(catalog, version, uris) | tables.error_keys(
+            catalog, uris, model_version=version, permanent=True
+        )
         todo = [e for e in listed if (e.image_uri, e.etag) not in done]
         log(
             f"archive: {len(listed)} images; {len(listed) - len(todo)} already in the tables "

@@ -96,16 +96,22 @@ class ScoreOutcome:
 
 def model_identity(resolved: Any) -> tuple[str, str]:
     """(model_name, model_version) written with every row. A registry model gives its name
-    and version; a local bundle directory its folder name and ``sha-<12 hex>`` of its
-    weights, so two different local bundles never share a key."""
+    and version; a local bundle directory its folder name and ``sha-<12 hex>`` of the whole
+    bundle (its JSON, with the threshold and image score, and its weights), so two local
+    bundles that would score differently never share a key."""
+    from flowcore.bundle import META_FILE, WEIGHTS_FILE
+
     if resolved.name and resolved.version:
         return str(resolved.name), str(resolved.version)
-    weights = Path(resolved.path) / "weights.safetensors"
+    root = Path(resolved.path)
     h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return Path(resolved.path).name, f"sha-{h.hexdigest()[:12]}"
+    for file in (META_FILE, WEIGHTS_FILE):
+        p = root / file
+        h.update(file.encode() + b"\0" + p.stat().st_size.to_bytes(8, "big"))
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return root.name, f"sha-{h.hexdigest()[:12]}"
 
 
 def check_bundle(path: str | Path) -> None:
@@ -126,7 +132,13 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     from pipelines.archive import ArchiveError, check_archive_uri, list_archive
     from pipelines.lock import LockLost
     from pipelines.raycluster import cluster_cpus, ensure_ray, plan_workers
-    from pipelines.score import ChunkResult, ScoreConfig, score_stream, stream_buffer_per_actor
+    from pipelines.score import (
+        ChunkResult,
+        ScoreConfig,
+        max_file_bytes,
+        score_stream,
+        stream_buffer_per_actor,
+    )
 
     if req.commit_every < 1 or req.actors < 1 or req.batch_size < 1:
         raise ScoreUsageError("--commit-every, --actors and --batch-size must be >= 1")
@@ -136,6 +148,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         raise ScoreUsageError(str(e)) from e
     try:
         stream_buffer_per_actor()
+        max_bytes = max_file_bytes()
     except ValueError as e:
         raise ScoreUsageError(str(e)) from e
     t0 = time.perf_counter()
@@ -205,6 +218,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 threads=threads,
                 device="cuda" if req.use_gpu else "cpu",
                 batch_size=req.batch_size,
+                max_bytes=max_bytes,
                 pid_dir=os.environ.get("FLOWSCORE_TEST_ACTOR_PID_DIR") or None,
             )
             commits = -(-len(todo) // req.commit_every)

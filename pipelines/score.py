@@ -5,14 +5,16 @@
         ──map_batches(ScorerActor)  actor pool: the bundle loaded once per actor, one
                                     flowcore call per batch of same-size images
         ──iter_batches──▶ driver: every commit_every rows (no pixels, a heatmap each)
+              scoring_errors: the chunk's error rows in, the rows of every key it
+                              settled out (this model version) ─pyiceberg─▶ one commit
               image_scores rows  ─write_iceberg(UPSERT on the key)─▶ one commit
-              scoring_errors rows ─write_iceberg(UPSERT)────────────▶ one commit
 
 A bad file never fails a block: reading and decoding errors become rows (stage, type,
 message) that travel beside the images and land in ``scoring_errors``. The stream keeps
 flowing while the driver commits. Each chunk is committed atomically, so a crash loses at
 most one chunk of work and a rerun (UPSERT on ``image_uri, etag, model_version``) never
-doubles a row.
+doubles a row. The errors commit comes first, so a key is never in both tables: a crash
+between the two leaves the chunk's scored keys in neither, and the next run scores them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .archive import (
 )
 from .errors import find_in_chain
 from .lock import LockLost
+from .settings import env_number
 
 __all__ = [
     "ScoreConfig",
@@ -51,7 +54,20 @@ Log = Callable[[str], None]
 ERROR_COLUMNS = ("stage", "error_type", "message")
 _KEY_SCORES = ["image_uri", "etag", "model_version"]
 # one error row per file version: a rerun that fails the same file again replaces it
-_KEY_ERRORS = ["image_uri", "etag"]
+
+
+#: files above this size are not read (an error row instead): a 1 GiB file read whole took
+#: 1.1 GB of a decode task's memory
+DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+MAX_FILE_ENV = "FLOWSCORE_MAX_FILE_MB"
+TOO_LARGE = "FileTooLarge"
+
+
+def max_file_bytes() -> int:
+    """The largest file a scoring run reads: ``FLOWSCORE_MAX_FILE_MB`` (default 256)."""
+    return int(
+        env_number(MAX_FILE_ENV, DEFAULT_MAX_FILE_BYTES / 2**20, minimum=0, above=True) * 2**20
+    )
 
 
 def path_column_name(key: str) -> str:
@@ -71,6 +87,7 @@ class ScoreConfig:
     device: str = "cpu"
     batch_size: int = 8
     max_pixels: int = 100_000_000
+    max_bytes: int = 256 * 2**20  # files above it are not read (FLOWSCORE_MAX_FILE_MB)
     pid_dir: str | None = None  # test hook: each actor leaves a file named by its pid
 
 
@@ -90,6 +107,7 @@ def _entry_rows(entries: Sequence[ArchiveEntry], path_columns: Sequence[str]) ->
             "etag": e.etag,
             "path": e.path,
             "mtime": e.mtime.isoformat() if e.mtime else None,
+            "size": e.size,
         }
         for k in path_columns:
             row[k] = e.columns.get(k)
@@ -97,16 +115,21 @@ def _entry_rows(entries: Sequence[ArchiveEntry], path_columns: Sequence[str]) ->
     return rows
 
 
-def decode_task(batch: pa.Table, max_pixels: int = 100_000_000) -> pa.Table:
+def decode_task(
+    batch: pa.Table, max_pixels: int = 100_000_000, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> pa.Table:
     """Read and decode each image of a batch (CPU task). Adds ``rgb`` (raw H·W·3 bytes),
     ``width``, ``height``, ``captured_at`` and, for a file that cannot be read or decoded,
     ``stage``/``error_type``/``message`` (then ``rgb`` is null). Never raises for a bad file;
     raises :class:`StorageUnavailable` when S3 stays down past the retry budget (an outage is
-    not a bad file: the task fails, its chunk is not committed, the run ends)."""
+    not a bad file: the task fails, its chunk is not committed, the run ends). A file whose
+    listed ``size`` is above ``max_bytes`` is not read at all: an error row
+    (``FileTooLarge``, not retried)."""
     n = batch.num_rows
     uris = batch.column("image_uri").to_pylist()
     paths = batch.column("path").to_pylist()
     mtimes = batch.column("mtime").to_pylist()
+    sizes = batch.column("size").to_pylist() if "size" in batch.column_names else [None] * n
     rgb: list[bytes | None] = [None] * n
     width: list[int | None] = [None] * n
     height: list[int | None] = [None] * n
@@ -116,6 +139,14 @@ def decode_task(batch: pa.Table, max_pixels: int = 100_000_000) -> pa.Table:
     msg: list[str | None] = [None] * n
     for i in range(n):
         mtime = datetime.fromisoformat(mtimes[i]) if mtimes[i] else None
+        if sizes[i] is not None and sizes[i] > max_bytes:
+            stage[i], etype[i] = "read", TOO_LARGE
+            msg[i] = (
+                f"{uris[i]}: {sizes[i] / 2**20:.1f} MB is above the limit of "
+                f"{max_bytes / 2**20:g} MB ({MAX_FILE_ENV}); not read"
+            )
+            when[i] = captured_at(None, paths[i], mtime)
+            continue
         try:
             img = decode_image(read_bytes(uris[i]), max_pixels=max_pixels)
         except DecodeError as e:
@@ -130,7 +161,7 @@ def decode_task(batch: pa.Table, max_pixels: int = 100_000_000) -> pa.Table:
         rgb[i] = img.rgb.tobytes()
         width[i], height[i] = img.width, img.height
         when[i] = captured_at(img, paths[i], mtime)
-    out = batch.drop_columns(["mtime"])
+    out = batch.drop_columns([c for c in ("mtime", "size") if c in batch.column_names])
     for name, values, typ in (
         ("rgb", rgb, pa.large_binary()),
         ("width", width, pa.int32()),
@@ -272,6 +303,10 @@ def _select(batch: pa.Table, schema: pa.Schema, errors: bool, run_id: str) -> pa
             cols.append(pa.array([now] * rows.num_rows, f.type))
         elif f.name == "run_id":
             cols.append(pa.array([run_id] * rows.num_rows, f.type))
+        elif f.name == "retryable":  # the bytes could not be fetched: try again next run
+            read = pc.equal(rows.column("stage"), "read")
+            too_large = pc.equal(rows.column("error_type"), TOO_LARGE)
+            cols.append(pc.and_(read, pc.invert(too_large)).cast(f.type))
         else:
             cols.append(pa.nulls(rows.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)
@@ -296,17 +331,10 @@ PROGRESS_EVERY_S = 30.0
 
 
 def stream_buffer_per_actor() -> int:
-    import os
-
-    raw = os.environ.get("FLOWSCORE_STREAM_BUFFER_MB", "").strip()
-    if not raw:
-        return STREAM_BUFFER_PER_ACTOR
-    try:
-        mb = float(raw)
-    except ValueError:
-        mb = -1.0
-    if not mb > 0:
-        raise ValueError(f"FLOWSCORE_STREAM_BUFFER_MB must be a number of MB > 0, got {raw!r}")
+    """Bytes of Ray's object store per scorer actor (``FLOWSCORE_STREAM_BUFFER_MB``)."""
+    mb = env_number(
+        "FLOWSCORE_STREAM_BUFFER_MB", STREAM_BUFFER_PER_ACTOR / 2**20, minimum=0, above=True
+    )
     return int(mb * 2**20)
 
 
@@ -326,8 +354,8 @@ def score_stream(
     on_progress: Callable[[int], None] = lambda done: None,
     before_commit: Callable[[], None] = lambda: None,
 ) -> None:
-    """Score ``entries`` as one stream and commit every ``commit_every`` images: one UPSERT
-    into ``image_scores`` and one into ``scoring_errors`` (each an atomic Iceberg commit).
+    """Score ``entries`` as one stream and commit every ``commit_every`` images: one commit of
+    ``scoring_errors`` and one UPSERT into ``image_scores`` (each an atomic Iceberg commit).
     ``before_commit`` runs right before each commit and stops the run by raising (the nightly
     job's lock fencing: a run that lost its lock commits nothing more).
 
@@ -335,6 +363,7 @@ def score_stream(
     previous chunk, and the actors load the bundle once per segment, not once per commit.
     Only scored rows (no pixels) come back to the driver."""
     import ray.data
+    from pyiceberg.catalog import load_catalog
     from ray.data import ActorPoolStrategy
 
     # keep the listing's order (sorted by path, so by year=/camera= folders) into the data
@@ -349,6 +378,8 @@ def score_stream(
     if gpus_per_actor:
         remote["num_gpus"] = gpus_per_actor
     segment = max(1, SEGMENT_IMAGES // commit_every) * commit_every
+    kw = dict(catalog_kwargs)
+    catalog = load_catalog(kw.pop("name"), **kw)  # this process's commits of scoring_errors
     pending: list[pa.Table] = []
     held = done = 0
     t_chunk = time.perf_counter()
@@ -359,7 +390,9 @@ def score_stream(
         before_commit()
         t_commit = time.perf_counter()
         try:
-            scored, failed = _commit(rows, cfg.run_id, scores_schema, errors_schema, catalog_kwargs)
+            scored, failed = _commit(
+                rows, cfg, scores_schema, errors_schema, catalog, catalog_kwargs
+            )
         except Exception as e:
             lost = find_in_chain(e, LockLost)  # the commit's own fence (JobLock.fencing)
             if lost is not None and lost is not e:
@@ -381,7 +414,7 @@ def score_stream(
         # scored in turn, 11 images/s against 17+ for grain-full on 2 cores
         ds = ds.map_batches(
             decode_task,
-            fn_kwargs={"max_pixels": cfg.max_pixels},
+            fn_kwargs={"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes},
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_cpus=1,
@@ -414,17 +447,25 @@ def score_stream(
 
 def _commit(
     rows: pa.Table,
-    run_id: str,
+    cfg: ScoreConfig,
     scores_schema: pa.Schema,
     errors_schema: pa.Schema,
+    catalog: Any,
     catalog_kwargs: dict[str, Any],
 ) -> tuple[int, int]:
-    """One UPSERT of the scored rows and one of the error rows; (scored, failed)."""
+    """The chunk's ``scoring_errors`` commit (its new error rows; the error rows of every key
+    it settled removed), then one UPSERT of its scored rows; (scored, failed)."""
     import ray.data
     from ray.data import SaveMode
 
-    scores = _select(rows, scores_schema, errors=False, run_id=run_id)
-    errors = _select(rows, errors_schema, errors=True, run_id=run_id)
+    from .tables import settle_errors
+
+    scores = _select(rows, scores_schema, errors=False, run_id=cfg.run_id)
+    errors = _select(rows, errors_schema, errors=True, run_id=cfg.run_id)
+    settled = list(
+        zip(rows.column("image_uri").to_pylist(), rows.column("etag").to_pylist(), strict=True)
+    )
+    settle_errors(catalog, cfg.model_version, settled, errors)
     if scores.num_rows:
         files = [scores.slice(k, FILE_IMAGES) for k in range(0, scores.num_rows, FILE_IMAGES)]
         ray.data.from_arrow(files).write_iceberg(
@@ -432,12 +473,5 @@ def _commit(
             catalog_kwargs=catalog_kwargs,
             mode=SaveMode.UPSERT,
             upsert_kwargs={"join_cols": _KEY_SCORES},
-        )
-    if errors.num_rows:
-        ray.data.from_arrow(errors).write_iceberg(
-            "flowscore.scoring_errors",
-            catalog_kwargs=catalog_kwargs,
-            mode=SaveMode.UPSERT,
-            upsert_kwargs={"join_cols": _KEY_ERRORS},
         )
     return scores.num_rows, errors.num_rows

@@ -23,8 +23,13 @@ Tables (namespace ``flowscore``; columns exactly as DESIGN.md, "Tables")
                        (Spark, Trino, pyiceberg, the incremental look-up of
                        :func:`existing_keys`) prune whole versions from the manifests, and lets
                        an old model version be dropped by a metadata-only delete.
-    ``scoring_errors`` key (image_uri, etag): one row per failing file version (the latest
-                       run's); unpartitioned.
+    ``scoring_errors`` key (image_uri, etag, model_version): one row per failing file
+                       version and model version (the latest run's); unpartitioned. Beyond
+                       DESIGN's columns it has ``model_version`` and ``retryable`` (true for a
+                       ``read`` error: the bytes could not be fetched, e.g. EIO on a NAS, so the
+                       nightly job tries the file again; decode and score errors are properties
+                       of the bytes and the model, and are not retried). Tables of an older
+                       flowscore get both by schema evolution; their old rows read null.
     ``runs``           key run_id; unpartitioned, one row per run. Beyond DESIGN's
                        columns it has ``mlflow_run_id`` (null when MLflow was unavailable)
                        and ``warnings`` (what went wrong without failing the run); a
@@ -89,6 +94,7 @@ __all__ = [
     "record_run_end",
     "existing_keys",
     "error_keys",
+    "settle_errors",
     "mark_dead_runs",
     "snapshot_files",
     "has_delete_files",
@@ -104,7 +110,7 @@ RUNS = "runs"
 TABLES = (IMAGE_SCORES, SCORING_ERRORS, RUNS)
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     IMAGE_SCORES: ("image_uri", "etag", "model_version"),
-    SCORING_ERRORS: ("image_uri", "etag"),
+    SCORING_ERRORS: ("image_uri", "etag", "model_version"),
     RUNS: ("run_id",),
 }
 RUN_STATUSES = ("running", "succeeded", "failed")
@@ -162,6 +168,10 @@ SCORING_ERRORS_SCHEMA = pa.schema(
         _field("error_type", _STR),
         _field("message", _STR),
         _field("at", _TS),
+        # added after the first release (older tables get them as optional columns): errors
+        # are per model version, and a read error (the bytes could not be fetched) is retried
+        _field("model_version", _STR, key=True),
+        _field("retryable", pa.bool_()),
     ]
 )
 
@@ -735,14 +745,60 @@ def existing_keys(
 
 
 def error_keys(
-    catalog: Catalog, uris: set[str] | None = None, run_id: str | None = None
+    catalog: Catalog,
+    uris: set[str] | None = None,
+    run_id: str | None = None,
+    *,
+    model_version: str | None = None,
+    permanent: bool = False,
 ) -> set[tuple[str, str]]:
-    """``(image_uri, etag)`` pairs in ``scoring_errors`` (optionally of one run, or only for
-    these URIs)."""
-    from pyiceberg.expressions import AlwaysTrue, EqualTo
+    """``(image_uri, etag)`` pairs in ``scoring_errors``, optionally only: of one run, for
+    these URIs, of one model version, and (``permanent``) not ``retryable``: what the
+    nightly job must not try again under that version."""
+    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, NotEqualTo
 
-    row_filter = EqualTo("run_id", run_id) if run_id is not None else AlwaysTrue()
+    row_filter: Any = EqualTo("run_id", run_id) if run_id is not None else AlwaysTrue()
+    if model_version is not None:
+        row_filter = And(row_filter, EqualTo("model_version", model_version))
+    if permanent:
+        row_filter = And(row_filter, NotEqualTo("retryable", True))
     return _keys(catalog, SCORING_ERRORS, row_filter, uris)
+
+
+def settle_errors(
+    catalog: Catalog, model_version: str, settled: Sequence[tuple[str, str]], errors: pa.Table
+) -> None:
+    """One commit of ``scoring_errors`` for a chunk of a scoring run under ``model_version``:
+    delete the rows of that version (and versionless rows of an older flowscore) for every
+    ``(image_uri, etag)`` the chunk ``settled`` (scored, or failed again), and append the
+    chunk's new error rows. Made *before* the chunk's ``image_scores`` commit, so a key is
+    never in both tables; a crash between the two leaves the scored keys in neither, and the
+    next run scores them. No commit when there is nothing to change."""
+    from pyiceberg.expressions import And, EqualTo, In, IsNull, Or
+
+    if not settled and errors.num_rows == 0:
+        return
+    row_filter = And(
+        In("image_uri", {u for u, _ in settled}),
+        In("etag", {e for _, e in settled}),
+        Or(EqualTo("model_version", model_version), IsNull("model_version")),
+    )
+
+    def attempt() -> None:
+        tbl = catalog.load_table(qualified(SCORING_ERRORS))
+        stale = bool(settled) and tbl.current_snapshot() is not None
+        if stale:
+            hit = tbl.scan(row_filter=row_filter, selected_fields=("image_uri",), limit=1)
+            stale = hit.to_arrow().num_rows > 0
+        if not stale and errors.num_rows == 0:
+            return
+        with tbl.transaction() as tx:
+            if stale:
+                tx.delete(delete_filter=row_filter)
+            if errors.num_rows:
+                tx.append(conform(errors, _with_field_ids(tbl)))
+
+    _retry_commit(attempt)
 
 
 def _plan(table: Table) -> list[Any]:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,91 @@ def test_nightly_job_with_an_s3_warehouse(
         assert main(["run", str(job), "--quiet"]) == 2
     finally:
         holder.release()
+
+
+def test_local_bundles_that_differ_only_in_threshold_are_different_versions(tmp_path, small_scorer):
+    import copy
+
+    from jobs.score import model_identity
+    from pipelines.tracking import ResolvedModel
+
+    other = copy.deepcopy(small_scorer)
+    other.threshold = small_scorer.threshold + 1.0  # same weights, another verdict
+    a = save_bundle(small_scorer, tmp_path / "a" / "grain")
+    b = save_bundle(other, tmp_path / "b" / "grain")
+    assert (a / "weights.safetensors").read_bytes() == (b / "weights.safetensors").read_bytes()
+    va = model_identity(ResolvedModel(uri=str(a), path=a, name=None, version=None))
+    vb = model_identity(ResolvedModel(uri=str(b), path=b, name=None, version=None))
+    assert va[0] == vb[0] == "grain" and va[1] != vb[1]
+    assert va == model_identity(
+        ResolvedModel(uri=str(a), path=a, name=None, version=None)
+    )  # stable
+
+
+@pytest.mark.ray
+def test_errors_are_per_model_version_read_errors_retried_and_cleared_when_scored(
+    ray_session, home, tmp_path, model, small_scorer
+):
+    """Promise 2 per model version: a file that failed under model A is still tried by B; a
+    read error (retryable) is tried again and, once scored, leaves scoring_errors; a
+    permanent error of the same version is not tried again."""
+    import copy
+
+    import pyarrow as pa
+    import torch
+
+    from jobs.score import model_identity
+    from pipelines.archive import list_archive
+    from pipelines.tracking import ResolvedModel
+
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="factory", images=6, seed=4, height=64, width=96)
+    (archive / "year=2017" / "broken.jpg").write_bytes(b"not an image")
+    job_a = write_job(tmp_path, archive, str(model), "max_error_rate = 0.5\n", name="a")
+    assert main(["run", str(job_a), "--quiet"]) == 0
+    other = copy.deepcopy(small_scorer)
+    with torch.no_grad():
+        for p in other.flow.parameters():
+            p.add_(0.01)
+    model_b = save_bundle(other, tmp_path / "bundle-b")
+    va = model_identity(ResolvedModel(uri=str(model), path=model, name=None, version=None))[1]
+    vb = model_identity(ResolvedModel(uri=str(model_b), path=model_b, name=None, version=None))[1]
+    listed = sorted((e.image_uri, e.etag) for e in list_archive(str(archive)))
+    good = [k for k in listed if not k[0].endswith("broken.jpg")]
+    # as if an earlier run of B had hit EIO on good[0] (retryable) and failed to decode
+    # good[1] (permanent for B)
+    cat = tables.load_catalog_()
+    rows = [
+        {
+            "image_uri": u,
+            "etag": e,
+            "run_id": "earlier",
+            "stage": st,
+            "error_type": "OSError",
+            "message": "m",
+            "at": datetime(2026, 1, 1),
+            "model_version": vb,
+            "retryable": st == "read",
+        }
+        for (u, e), st in ((good[0], "read"), (good[1], "decode"))
+    ]
+    tables.settle_errors(
+        cat, vb, [], pa.Table.from_pylist(rows, schema=tables.SCORING_ERRORS_SCHEMA)
+    )
+    job_b = write_job(tmp_path, archive, str(model_b), "max_error_rate = 0.5\n", name="b")
+    assert main(["run", str(job_b), "--quiet"]) == 0
+
+    def keys(table: str, version: str) -> list[tuple[str, str]]:
+        rows = [r for r in read_table(table).to_pylist() if r["model_version"] == version]
+        return sorted((r["image_uri"], r["etag"]) for r in rows)
+
+    broken = [k for k in listed if k[0].endswith("broken.jpg")]
+    assert keys("scoring_errors", va) == broken and keys("image_scores", va) == good
+    # B: broken.jpg tried (it failed under A, not B), good[0] retried and scored (its read
+    # error row gone), good[1] not tried again
+    assert keys("scoring_errors", vb) == sorted(broken + [good[1]])
+    assert keys("image_scores", vb) == [k for k in good if k != good[1]]
+    for v in (va, vb):  # exactly once per version
+        assert sorted(keys("scoring_errors", v) + keys("image_scores", v)) == listed
+    errors = {r["image_uri"]: r for r in read_table("scoring_errors").to_pylist()}
+    assert errors[broken[0][0]]["retryable"] is False

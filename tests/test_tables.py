@@ -40,6 +40,8 @@ SCORES_TAIL = [
 ERRORS_COLS = [
     *((c, pa.string()) for c in ("image_uri", "etag", "run_id", "stage", "error_type", "message")),
     ("at", TS),
+    ("model_version", pa.string()),  # beyond DESIGN's columns: errors are per model version
+    ("retryable", pa.bool_()),
 ]
 RUNS_COLS = [
     *((c, pa.string()) for c in ("run_id", "job", "model_name", "model_version", "archive")),
@@ -172,7 +174,7 @@ def test_ensure_tables_creates_design_schemas(home):
     }
     keys = {
         "image_scores": {"image_uri", "etag", "model_version"},
-        "scoring_errors": {"image_uri", "etag"},
+        "scoring_errors": {"image_uri", "etag", "model_version"},
         "runs": {"run_id"},
     }
     for name in T.TABLES:
@@ -300,12 +302,14 @@ def test_runs_rows_and_error_keys(home):
                 "error_type": "OSError",
                 "message": "truncated",
                 "at": start,
+                "model_version": "1",
+                "retryable": False,
             }
         ],
         schema=T.SCORING_ERRORS_SCHEMA,
     )
-    T.upsert(cat, T.SCORING_ERRORS, errors, ["image_uri", "etag"])
-    T.upsert(cat, T.SCORING_ERRORS, errors, ["image_uri", "etag"])
+    T.upsert(cat, T.SCORING_ERRORS, errors, ["image_uri", "etag", "model_version"])
+    T.upsert(cat, T.SCORING_ERRORS, errors, ["image_uri", "etag", "model_version"])
     assert T.error_keys(cat) == {("u1", "e")}
     assert T.error_keys(cat, run_id="other") == set()
     assert query_json("select count(*) n from scoring_errors") == [{"n": 1}]
@@ -525,3 +529,118 @@ def test_image_scores_of_an_older_flowscore_gets_threshold_source(home):
     assert query_json("select image_uri, threshold_source from image_scores") == [
         {"image_uri": "a.jpg", "threshold_source": None}
     ]
+
+
+def _error_row(uri: str, version: str | None, stage: str = "decode") -> dict:
+    return {
+        "image_uri": uri,
+        "etag": "e",
+        "run_id": "r0",
+        "stage": stage,
+        "error_type": "OSError",
+        "message": "m",
+        "at": dt.datetime(2026, 1, 1),
+        "model_version": version,
+        "retryable": stage == "read",
+    }
+
+
+def test_errors_are_per_model_version_and_settled_in_one_commit(home, monkeypatch):
+    """Error keys are per model version; a read error is retryable (not a permanent key);
+    settling a chunk's keys removes that version's rows (and versionless rows of an older
+    flowscore) and appends the chunk's new errors in one snapshot."""
+    cat = T.load_catalog_()
+    # a scoring_errors table of an older flowscore (no model_version, no retryable) with a row
+    old = pa.schema(
+        [f for f in T.SCORING_ERRORS_SCHEMA if f.name not in ("model_version", "retryable")]
+    )
+    with monkeypatch.context() as m:
+        m.setitem(T.TABLE_KEYS, T.SCORING_ERRORS, ("image_uri", "etag"))
+        assert T._create_table(cat, T.SCORING_ERRORS, old)
+    legacy = {k: v for k, v in _error_row("u4", None).items() if k in old.names}
+    cat.load_table("flowscore.scoring_errors").append(pa.Table.from_pylist([legacy], schema=old))
+    T.ensure_tables(cat)  # schema evolution adds the two columns; the old row reads null
+    rows = [_error_row("u1", "A"), _error_row("u2", "A", "read"), _error_row("u3", "B")]
+    T.settle_errors(cat, "A", [], pa.Table.from_pylist(rows, schema=T.SCORING_ERRORS_SCHEMA))
+    assert T.error_keys(cat, model_version="A") == {("u1", "e"), ("u2", "e")}
+    assert T.error_keys(cat, model_version="A", permanent=True) == {("u1", "e")}
+    assert T.error_keys(cat, model_version="C") == set()
+    assert ("u4", "e") in T.error_keys(cat)
+
+    def commits() -> int:  # catalog commits (a transaction may add several snapshots)
+        return len(cat.load_table("flowscore.scoring_errors").metadata.metadata_log)
+
+    snaps = commits()
+    # u1 and u4 scored now under A, u2 failed again under A (a fresh row replaces the old)
+    again = pa.Table.from_pylist([_error_row("u2", "A", "read")], schema=T.SCORING_ERRORS_SCHEMA)
+    T.settle_errors(cat, "A", [("u1", "e"), ("u4", "e"), ("u2", "e")], again)
+    tbl = cat.load_table("flowscore.scoring_errors")
+    assert commits() == snaps + 1  # one atomic commit
+    left = sorted((r["image_uri"], r["model_version"]) for r in tbl.scan().to_arrow().to_pylist())
+    assert left == [("u2", "A"), ("u3", "B")]
+    # nothing to change: no commit
+    T.settle_errors(cat, "A", [("u9", "e")], again.slice(0, 0))
+    assert commits() == snaps + 1
+
+
+def test_a_read_error_row_is_retryable_and_a_decode_error_is_not(tmp_path):
+    """decode_task on a file that vanished after listing (read) and one that is not an image
+    (decode): the error rows, in scoring_errors' schema, say which is tried again."""
+    from pipelines.score import _select, decode_task
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    gone = tmp_path / "gone.jpg"
+    rows = [
+        {"image_uri": p.as_uri(), "etag": "1-1", "path": p.name, "mtime": None} for p in (gone, bad)
+    ]
+    out = decode_task(pa.Table.from_pylist(rows))
+    assert out.column("stage").to_pylist() == ["read", "decode"]
+    errors = _select(
+        out.append_column("model_version", pa.array(["v"] * 2)),
+        T.SCORING_ERRORS_SCHEMA,
+        errors=True,
+        run_id="r",
+    )
+    assert errors.schema == T.SCORING_ERRORS_SCHEMA
+    assert errors.column("retryable").to_pylist() == [True, False]
+    assert errors.column("model_version").to_pylist() == ["v", "v"]
+
+
+def test_a_file_above_the_size_limit_is_not_read_and_not_retried(tmp_path, monkeypatch):
+    """The listed size is checked before any byte is read: an error row, not retryable
+    (the same file would be refused again); the limit comes from FLOWSCORE_MAX_FILE_MB."""
+    from pipelines.score import _select, decode_task, max_file_bytes
+
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8" + b"0" * 3000)
+    monkeypatch.setenv("FLOWSCORE_MAX_FILE_MB", "0.001")  # 1048 bytes
+    limit = max_file_bytes()
+    assert limit == int(0.001 * 2**20)
+    row = {"image_uri": big.as_uri(), "etag": "1", "path": "big.jpg", "mtime": None, "size": 3002}
+    out = decode_task(pa.Table.from_pylist([row]), max_bytes=limit)
+    assert out.column("error_type").to_pylist() == ["FileTooLarge"]
+    assert "above the limit" in out.column("message")[0].as_py()
+    out = out.append_column("model_version", pa.array(["v"]))
+    errors = _select(out, T.SCORING_ERRORS_SCHEMA, errors=True, run_id="r")
+    assert errors.column("retryable").to_pylist() == [False]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+def test_flowscore_numbers_are_checked(monkeypatch, value):
+    """Every FLOWSCORE_* number: a bad value is one clear error naming the variable."""
+    from jobs.nightly import JobUsageError, lock_lease_s
+    from pipelines.score import max_file_bytes, stream_buffer_per_actor
+    from pipelines.settings import SettingError
+    from pipelines.storage import s3_settings
+
+    for name, read, error in (
+        ("FLOWSCORE_LOCK_LEASE_S", lock_lease_s, JobUsageError),
+        ("FLOWSCORE_MAX_FILE_MB", max_file_bytes, SettingError),
+        ("FLOWSCORE_STREAM_BUFFER_MB", stream_buffer_per_actor, SettingError),
+        ("FLOWSCORE_S3_CONNECT_TIMEOUT_S", s3_settings, SettingError),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(error, match=name):
+                read()
