@@ -216,7 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from jobs.query import run_query
 
-    return run_query(args.sql, args.format)
+    return run_query(args.sql, args.format, timeout_s=args.timeout, max_rows=args.max_rows)
 
 
 # ---------------------------------------------------------------- run (nightly)
@@ -599,6 +599,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["table", "csv", "json"],
         default="table",
         help="table (aligned text), csv, or json (one array of row objects)",
+    )
+    q.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="stop a query that runs longer than this (exit 1; default: %(default)g)",
+    )
+    q.add_argument(
+        "--max-rows",
+        type=_positive_int,
+        default=1_000_000,
+        metavar="N",
+        help="print at most N rows; a note on stderr says when the result had more "
+        "(default: %(default)s)",
     )
     q.set_defaults(func=cmd_query)
 

@@ -21,8 +21,12 @@ Read-only: exactly one statement, of DuckDB's statement type SELECT (which cover
 VALUES, FROM-first queries, DESCRIBE, SHOW and SUMMARIZE) or an EXPLAIN [ANALYZE] of one;
 anything else (INSERT, DELETE, CREATE, COPY, ATTACH, SET, PRAGMA, CALL, several statements)
 is refused with exit code 2 before anything runs. On top of that the connection is locked:
-file access only to the directories of the tables' data files, no extension loading, and
-configuration frozen. A query DuckDB rejects prints DuckDB's message on stderr, exit code 2.
+file access only to the current snapshots' data files themselves (not their directories,
+which also hold superseded files of old snapshots), DuckDB's spill files in a private
+temporary directory removed afterwards (not ``.tmp`` under the working directory), no
+extension loading, and configuration frozen. A query DuckDB rejects prints DuckDB's message
+on stderr, exit code 2. A query is interrupted after ``--timeout`` seconds (default 300) and
+prints at most ``--max-rows`` rows (default 1 000 000; a note on stderr says when it cut).
 
 Formats: ``table`` (psql-style aligned text with a header and a row count; long cells such
 as heatmaps are cut at 60 characters), ``csv`` (header + rows; NULL is an empty field; lists
@@ -39,10 +43,12 @@ import datetime as dt
 import decimal
 import json
 import math
-import os
 import re
+import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TextIO
 
 import pyarrow as pa
@@ -163,32 +169,38 @@ def _table_view(
         for f, t in zip(schema, types, strict=True)
     )
     con.execute(f"CREATE VIEW {_quote_ident(name)} AS SELECT {cols} FROM {source}")
-    allowed.update(os.path.dirname(p).rstrip("/") + "/" for p in paths)
+    allowed.update(paths)
     return "parquet"
 
 
-def connect(catalog: Catalog | None = None, *, lock: bool = True) -> duckdb.DuckDBPyConnection:
+def connect(
+    catalog: Catalog | None = None, *, lock: bool = True, temp_dir: str | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``image_scores``, ``scoring_errors`` and
     ``runs`` over the current snapshots (see the module docstring). With ``lock`` (default)
-    the connection can then read only the tables' data files, load no extension and change
-    no setting. Raises :class:`pipelines.tables.TablesError` if the catalog cannot be opened."""
+    the connection can then read only the current snapshots' data files, load no extension
+    and change no setting. ``temp_dir``: where DuckDB may spill (the caller's private
+    directory; default: none, DuckDB keeps everything in memory). Raises
+    :class:`pipelines.tables.TablesError` if the catalog cannot be opened."""
     import duckdb
 
     from pipelines import tables as T
 
     if catalog is None:
         catalog = T.load_catalog_()
-    con = duckdb.connect(
-        ":memory:",
-        config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
-    )
+    config: dict[str, Any] = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "temp_directory": temp_dir or "",
+    }
+    con = duckdb.connect(":memory:", config=config)
     allowed: set[str] = set()
     for name in T.TABLES:
         _table_view(con, catalog, name, allowed)
     if lock:
         if allowed:
-            dirs = ", ".join(_quote_str(d) for d in sorted(allowed))
-            con.execute(f"SET allowed_directories = [{dirs}]")
+            files = ", ".join(_quote_str(p) for p in sorted(allowed))
+            con.execute(f"SET allowed_paths = [{files}]")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
@@ -264,10 +276,34 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+class _Capped:
+    """The rows of a reader, at most ``limit`` of them; ``cut`` once a row was left out."""
+
+    def __init__(self, reader: pa.RecordBatchReader, limit: int) -> None:
+        self.reader, self.limit, self.cut = reader, limit, False
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        left = self.limit
+        for batch in self.reader:
+            if batch.num_rows > left:
+                self.cut = True
+                batch = batch.slice(0, left)
+            left -= batch.num_rows
+            cols = [_column_values(batch.column(i)) for i in range(batch.num_columns)]
+            yield from (list(r) for r in zip(*cols, strict=True))
+            if self.cut or left == 0:
+                self.cut = self.cut or self._more()
+                return
+
+    def _more(self) -> bool:
+        for batch in self.reader:
+            if batch.num_rows:
+                return True
+        return False
+
+
 def _rows(reader: pa.RecordBatchReader) -> Iterator[list[Any]]:
-    for batch in reader:
-        cols = [_column_values(batch.column(i)) for i in range(batch.num_columns)]
-        yield from (list(r) for r in zip(*cols, strict=True))
+    return iter(_Capped(reader, 2**62))
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -298,26 +334,29 @@ def format_table(schema: pa.Schema, rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(reader: pa.RecordBatchReader, fmt: str, out: TextIO) -> None:
+def _write(reader: pa.RecordBatchReader, fmt: str, out: TextIO, max_rows: int = 2**62) -> bool:
+    """Write the result; True if it had more than ``max_rows`` rows (the rest not written)."""
     schema = reader.schema
+    rows = _Capped(reader, max_rows)
     if fmt == "table" and schema.names == ["explain_key", "explain_value"]:
-        for _key, plan in _rows(reader):  # EXPLAIN: the plan as DuckDB draws it
+        for _key, plan in rows:  # EXPLAIN: the plan as DuckDB draws it
             out.write(f"{plan}\n")
     elif fmt == "table":
-        out.write(format_table(schema, list(_rows(reader))))
+        out.write(format_table(schema, list(rows)))
     elif fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(schema.names)
-        for r in _rows(reader):
+        for r in rows:
             w.writerow(["" if v is None else _text(v) for v in r])
     else:  # json: one array, streamed row by row
         out.write("[")
         first = True
-        for r in _rows(reader):
+        for r in rows:
             obj = {n: _jsonable(v) for n, v in zip(schema.names, r, strict=True)}
             out.write(("\n" if first else ",\n") + json.dumps(obj, ensure_ascii=False))
             first = False
         out.write("]\n" if first else "\n]\n")
+    return rows.cut
 
 
 def _reader(rel: Any) -> pa.RecordBatchReader:
@@ -329,17 +368,27 @@ def _reader(rel: Any) -> pa.RecordBatchReader:
 # ---------------------------------------------------------------- entry point
 
 
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MAX_ROWS = 1_000_000
+
+
 def run_query(
-    sql: str, fmt: str = "table", out: TextIO | None = None, err: TextIO | None = None
+    sql: str,
+    fmt: str = "table",
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_rows: int = DEFAULT_MAX_ROWS,
 ) -> int:
     """Run one read-only SQL statement over the tables and print the result to ``out``
-    (default stdout) as ``table``, ``csv`` or ``json``. Returns the exit code: 0; 2 for a
-    refused statement, a query DuckDB rejects, an unknown format or a catalog that cannot
-    be opened; 1 when a table's files cannot be read. Messages go to ``err`` (default
-    stderr)."""
+    (default stdout) as ``table``, ``csv`` or ``json``, at most ``max_rows`` rows (a note on
+    ``err`` when it cuts), interrupting it after ``timeout_s`` seconds. Returns the exit
+    code: 0; 2 for a refused statement, a query DuckDB rejects, an unknown format, a bad
+    limit or a catalog that cannot be opened; 1 when a table's files cannot be read or the
+    query ran out of time. Messages go to ``err`` (default stderr)."""
     import duckdb
 
-    from pipelines.tables import TablesError
 
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
@@ -350,27 +399,67 @@ def run_query(
 
     if fmt not in FORMATS:
         return fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if not (math.isfinite(timeout_s) and timeout_s > 0) or max_rows < 1:
+        return fail(f"--timeout must be > 0 and --max-rows >= 1, got {timeout_s}, {max_rows}")
     try:
         check_read_only(sql)
     except QueryRefused as e:
         return fail(str(e))
     except duckdb.Error as e:
         return fail(str(e))
+    spill = tempfile.mkdtemp(prefix="flowscore-query-")  # private (0700), removed below
     try:
-        con = connect()
+        return _run(sql, fmt, out, err, spill, timeout_s, max_rows, fail)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _run(
+    sql: str,
+    fmt: str,
+    out: TextIO,
+    err: TextIO,
+    spill: str,
+    timeout_s: float,
+    max_rows: int,
+    fail: Callable[[str], int],
+) -> int:
+    import duckdb
+
+    from pipelines.tables import TablesError
+
+    try:
+        con = connect(temp_dir=spill)
     except TablesError as e:  # the catalog cannot be opened: configuration
         return fail(str(e))
     except Exception as e:  # noqa: BLE001 - a table that cannot be read (missing files, …)
         fail(f"cannot read the tables: {type(e).__name__}: {e}")
         return EXIT_FAILED
+    timer = threading.Timer(timeout_s, con.interrupt)
+    timer.daemon = True
+    timer.start()
     try:
         rel = con.sql(sql)
         if rel is None:  # pragma: no cover - check_read_only lets only queries through
             return fail("the statement returned no result")
-        _write(_reader(rel), fmt, out)
+        cut = _write(_reader(rel), fmt, out, max_rows)
+    except duckdb.InterruptException:
+        print(
+            f"flowscore: error: the query ran longer than {timeout_s:g} s and was stopped "
+            "(--timeout)",
+            file=err,
+        )
+        return EXIT_FAILED
     except duckdb.Error as e:
         return fail(str(e))
     finally:
+        timer.cancel()
         con.close()
     out.flush()
+    if cut:
+        print(
+            f"flowscore: note: the result has more than {max_rows} rows; only the first "
+            f"{max_rows} were printed (--max-rows)",
+            file=err,
+        )
     return EXIT_OK

@@ -21,7 +21,7 @@ from pipelines.synth import write_archive
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(900)]
 
-KILLS = 10
+KILLS = 20
 
 
 def _score(archive: Path, model: Path, home: Path, log: Path) -> subprocess.Popen:
@@ -71,7 +71,7 @@ def test_kill_9_at_ten_random_points_then_rerun(ray_session, tmp_path, monkeypat
     length = time.monotonic() - t0
     reference = _scores_by_image(tmp_path / "ref-home", monkeypatch)
 
-    # ten kill points (seed printed; FLOWSCORE_FAULT_SEED replays a failure): half at a
+    # twenty kill points (seed printed; FLOWSCORE_FAULT_SEED replays a failure): half at a
     # random time before the first commit (start-up, listing, tables, actors, the first
     # chunk), half a random moment after a random commit (scoring, or inside a commit)
     seed = int(os.environ.get("FLOWSCORE_FAULT_SEED") or random.randrange(2**31))

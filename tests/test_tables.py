@@ -7,6 +7,8 @@ import csv
 import datetime as dt
 import io
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -495,6 +497,48 @@ def test_locked_connection_reads_no_other_files(home, tmp_path):
     (tmp_path / "secret.csv").write_text("a\n1\n")
     rc, _, err = query(f"select * from read_csv('{tmp_path / 'secret.csv'}')")
     assert rc == 2 and "Permission Error" in err
+
+
+def test_superseded_files_and_spill_folders_are_out_of_reach(home, tmp_path, monkeypatch):
+    """Only the current snapshot's data files are readable: a file of an older snapshot, in
+    the very same folder, is refused. DuckDB spills into a private folder, not ``.tmp``
+    under the working directory, and the folder is gone afterwards."""
+    cat = filled(n=3)
+    old = T.snapshot_files(cat.load_table("flowscore.image_scores"))
+    rows = score_rows(3)
+    rows = rows.set_column(
+        rows.schema.get_field_index("quality"), "quality", pa.array([9.5] * 3, pa.float32())
+    )
+    T.upsert(cat, T.IMAGE_SCORES, rows, KEY)  # changed rows: rewritten into new files
+    new = T.snapshot_files(cat.load_table("flowscore.image_scores"))
+    stale = [T.local_path(f) for f in old if f not in new]
+    assert stale and Path(stale[0]).exists()
+    assert any(Path(T.local_path(f)).parent == Path(stale[0]).parent for f in new)
+    rc, _, err = query(f"select count(*) from read_parquet('{stale[0]}')")
+    assert rc == 2 and "Permission Error" in err
+    assert query_json("select count(*) n from image_scores") == [{"n": 3}]
+    monkeypatch.chdir(tmp_path)
+    made: list[str] = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    assert query("select 1")[0] == 0
+    assert not (tmp_path / ".tmp").exists()
+    assert made and not Path(made[0]).exists()
+
+
+def test_query_row_cap_and_timeout(home):
+    filled(n=5)
+    out, err = io.StringIO(), io.StringIO()
+    assert run_query("select image_uri from image_scores", "json", out, err, max_rows=2) == 0
+    assert len(json.loads(out.getvalue())) == 2  # still one valid JSON array
+    assert "more than 2 rows" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    assert run_query("select image_uri from image_scores", "csv", out, err, max_rows=5) == 0
+    assert len(out.getvalue().splitlines()) == 6 and err.getvalue() == ""
+    out, err = io.StringIO(), io.StringIO()
+    slow = "select count(*) from range(10000000000) a where a.range % 7 = 3"
+    assert run_query(slow, "table", out, err, timeout_s=0.5) == 1
+    assert "longer than 0.5 s" in err.getvalue()
 
 
 @pytest.mark.s3
