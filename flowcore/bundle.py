@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .cnn import CNNFeaturizer
 from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
+from .flows.config import flow_elements
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
 from .scorer import LEGACY_IMAGE_SCORE, Calibration, FeaturizerModule, ImageScore, Scorer
 from .windows import WindowConfig, WindowFeaturizer
@@ -200,6 +201,35 @@ def _calibration_from_meta(d: Any, where: str) -> Calibration | None:
         raise BundleError(f"{where}: calibration: {e}") from e
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of every tensor, from the file's header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(int(n) for n in sl.get_shape()), str(sl.get_dtype()))
+            return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{weights_path}: not a readable safetensors file ({e})") from e
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     """Load a scorer from a bundle directory, refusing anything that does not match."""
     root = Path(path)
@@ -228,6 +258,18 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         msg = str(e) if str(meta_path) in str(e) else f"{meta_path}: flow: {e}"
         raise BundleError(msg) from e
     threshold, clip = _threshold_and_clip(meta, str(meta_path))
+    weights_path = root / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path}: not found")
+    # the flow the JSON describes must fit in the weights file that holds its tensors: a JSON
+    # that asks for a huge model is refused before it is built
+    need = 4 * flow_elements(n_features, flow_cfg)
+    have = weights_path.stat().st_size
+    if need > 4 * have + (16 << 20):
+        raise BundleError(
+            f"{meta_path}: flow: the flow described needs about {need / 2**20:,.0f} MB of "
+            f"tensors, but {WEIGHTS_FILE} holds {have / 2**20:,.1f} MB"
+        )
     try:
         flow = build_flow(n_features, flow_cfg)
     except (TypeError, ValueError, RuntimeError, MemoryError) as e:
@@ -241,30 +283,29 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         image_score=_image_score_from_meta(meta.get("image_score"), str(meta_path)),
         calibration=_calibration_from_meta(meta.get("calibration"), str(meta_path)),
     )
-    weights_path = root / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise BundleError(f"{weights_path}: not found")
+    # names, shapes and dtypes from the safetensors header (no tensor data read yet)
+    expected = scorer.state_dict()
+    header = _header(weights_path)
+    for name, ref in expected.items():
+        if name not in header:
+            raise BundleError(f"{weights_path}: tensor {name!r} is missing")
+        shape, dtype = header[name]
+        if shape != tuple(ref.shape):
+            raise BundleError(
+                f"{weights_path}: tensor {name!r} has shape {shape}, the model "
+                f"described by {META_FILE} needs {tuple(ref.shape)}"
+            )
+        if _DTYPES.get(dtype) != ref.dtype:
+            raise BundleError(
+                f"{weights_path}: tensor {name!r} has dtype {dtype}, expected {ref.dtype}"
+            )
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise BundleError(f"{weights_path}: unexpected tensor(s) {extra[:5]}")
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise BundleError(f"{weights_path}: not a readable safetensors file ({e})") from e
-    expected = scorer.state_dict()
-    for name, ref in expected.items():
-        if name not in tensors:
-            raise BundleError(f"{weights_path}: tensor {name!r} is missing")
-        got = tensors[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise BundleError(
-                f"{weights_path}: tensor {name!r} has shape {tuple(got.shape)}, the model "
-                f"described by {META_FILE} needs {tuple(ref.shape)}"
-            )
-        if got.dtype != ref.dtype:
-            raise BundleError(
-                f"{weights_path}: tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}"
-            )
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise BundleError(f"{weights_path}: unexpected tensor(s) {extra[:5]}")
     scorer.load_state_dict(tensors, strict=True)
     scorer.training_stats = dict(meta.get("training") or {})
     return scorer.to(device).eval()

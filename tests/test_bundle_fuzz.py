@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from flowcore.bundle import BundleError, load_bundle, save_bundle
-from flowcore.flows import MAFConfig, build_flow
+from flowcore.flows import BNAFConfig, CouplingConfig, MAFConfig, build_flow
+from flowcore.flows.config import flow_elements
 from flowcore.scorer import Scorer
 from flowcore.windows import WindowConfig, fit_window_featurizer
 
@@ -145,3 +146,38 @@ def test_random_mutations_load_or_are_refused(bundle, tmp_path):
     assert outcomes["refused"] > 50 and outcomes["loaded"] > 5
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 500, grown_mb
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MAFConfig(blocks=3, hidden=17, layers=2),
+        MAFConfig(blocks=1, hidden=5, layers=1, batch_norm=False),
+        BNAFConfig(flows=2, hidden_factor=3, hidden_layers=2),
+        CouplingConfig(blocks=3, hidden=(13, 7)),
+    ],
+)
+@pytest.mark.parametrize("features", [1, 4, 9])
+def test_the_size_estimate_bounds_the_built_flow(cfg, features):
+    if isinstance(cfg, CouplingConfig) and features < 2:
+        pytest.skip("coupling needs D >= 2")
+    built = build_flow(features, cfg)
+    held = sum(t.numel() for t in built.state_dict().values())
+    assert held <= flow_elements(features, cfg) <= 8 * held + 64
+
+
+def test_a_json_asking_for_a_huge_flow_is_refused_before_it_is_built(bundle, tmp_path):
+    """Sizes each within their bounds, together ~10^13 elements: refused from the JSON and
+    the weights file's size, in well under a second and without memory."""
+    bad = tmp_path / "huge"
+    bad.mkdir()
+    (bad / "weights.safetensors").write_bytes((bundle / "weights.safetensors").read_bytes())
+    meta = json.loads((bundle / "flowscore.json").read_text())
+    meta["flow"].update(hidden=65536, blocks=1024, layers=1024)
+    (bad / "flowscore.json").write_text(json.dumps(meta))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BundleError, match="needs about .* MB of tensors"):
+        load_bundle(bad)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    with pytest.raises(ValueError, match="more than the"):
+        build_flow(101, MAFConfig(hidden=65536, blocks=1024, layers=1024))

@@ -10,7 +10,16 @@ from .bnaf import build_bnaf
 from .coupling import build_coupling
 from .maf import build_maf
 
-__all__ = ["MAFConfig", "BNAFConfig", "CouplingConfig", "FlowConfig", "FLOW_TYPES", "build_flow"]
+__all__ = [
+    "MAFConfig",
+    "BNAFConfig",
+    "CouplingConfig",
+    "FlowConfig",
+    "FLOW_TYPES",
+    "build_flow",
+    "flow_elements",
+    "MAX_ELEMENTS",
+]
 
 
 MAX_WIDTH = 65_536
@@ -18,6 +27,9 @@ MAX_WIDTH = 65_536
 bundle must not be able to ask for terabytes before any tensor is checked."""
 MAX_DEPTH = 1_024
 """Most blocks, flows or layers."""
+MAX_ELEMENTS = 2**28
+"""Most tensor elements (parameters, masks and buffers; 1 GiB in float32) a flow may hold:
+each size is bounded above, but their product must be too (depth × width²)."""
 
 
 def _positive(obj: object, *names: str, limit: int = MAX_DEPTH) -> None:
@@ -112,10 +124,34 @@ def flow_config_from_dict(d: dict[str, Any], where: str = "flow") -> FlowConfig:
     return cls(**d)
 
 
+def flow_elements(features: int, cfg: FlowConfig) -> int:
+    """An upper estimate of the tensor elements (weights, biases, masks, buffers) of the flow
+    :func:`build_flow` builds, computed from the config alone (nothing allocated)."""
+    d = features
+    if isinstance(cfg, MAFConfig):
+        h = cfg.hidden
+        made = 2 * (d * h + (cfg.layers - 1) * h * h + 2 * d * h) + 2 * (cfg.layers * h + 2 * d)
+        return cfg.blocks * (made + 4 * d + 2 * d)
+    if isinstance(cfg, BNAFConfig):
+        w = cfg.hidden_factor * d
+        layer = 3 * (2 * d * w + (cfg.hidden_layers - 1) * w * w) + 4 * w * (cfg.hidden_layers + 1)
+        return cfg.flows * (layer + 2 * d)
+    widths = [d, *cfg.hidden, 2 * d]  # one subnet per half, generous
+    net = sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    return cfg.blocks * (2 * net + 4 * d)
+
+
 def build_flow(features: int, cfg: FlowConfig) -> Flow:
-    """Build the density model for D = ``features`` from a config."""
+    """Build the density model for D = ``features`` from a config. Refuses a config whose
+    tensors would hold more than :data:`MAX_ELEMENTS` elements, before allocating any."""
     if features < 1:
         raise ValueError("features must be >= 1")
+    n = flow_elements(features, cfg)
+    if n > MAX_ELEMENTS:
+        raise ValueError(
+            f"this flow would hold about {n:,} tensor elements for D = {features}, more than "
+            f"the {MAX_ELEMENTS:,} allowed; use fewer or narrower blocks"
+        )
     if isinstance(cfg, BNAFConfig) and cfg.hidden_factor * features > MAX_WIDTH:
         raise ValueError(
             f"BNAF hidden width hidden_factor·D = {cfg.hidden_factor * features} exceeds "
