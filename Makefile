@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check flowcore pipelines jobs tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy flowcore
+	$(BIN)/mypy flowcore pipelines jobs
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

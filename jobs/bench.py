@@ -393,7 +393,7 @@ def run_bench(
         "batch": batch,
         "image_height": height,
         "image_width": width,
-        "window": cfg.window,
+        "window": getattr(cfg, "window", None),
         "stride": cfg.stride,
         "scale": cfg.scale,
         "components": cfg.features,

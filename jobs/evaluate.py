@@ -134,8 +134,8 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     try:
         labels = read_labels(req.archive)
         entries = sorted(list_archive(req.archive), key=lambda e: e.path)
-    except ArchiveError as e:
-        raise EvalUsageError(str(e)) from e
+    except ArchiveError as err:
+        raise EvalUsageError(str(err)) from err
     if not labels:
         raise EvalUsageError(
             f"archive {req.archive} has no ground truth (_truth/labels.csv with path,label); "
@@ -154,10 +154,11 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     resolved = tracking.resolve_model(req.model)
     try:
         scorer = load_bundle(resolved.path)
-    except BundleError as e:
-        raise EvalUsageError(str(e)) from e
+    except BundleError as err:
+        raise EvalUsageError(str(err)) from err
     meta = dict(scorer.training_stats)
-    seed = int((meta.get("spec") or {}).get("seed", 0))
+    spec_d = meta.get("spec")
+    seed = int(spec_d.get("seed", 0)) if isinstance(spec_d, dict) else 0
     train_entries = _training_images(meta, req, log)
     rows = _baseline_rows(scorer, train_entries, req.baseline_rows, seed)
     log(f"baselines: {rows.shape[0]} windows × {rows.shape[1]} features")
@@ -273,20 +274,20 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     log(f"ROC curves: {', '.join(str(p) for p in pngs)}")
 
     if req.log_mlflow:
-        c = tracking.client()
-        exp = tracking.ensure_experiment(c, EXPERIMENT)
+        mlf = tracking.client()
+        exp = tracking.ensure_experiment(mlf, EXPERIMENT)
         tags = {"flowscore.job": "evaluate", "flowscore.model_uri": req.model}
         if resolved.name:
             tags |= {
                 "flowscore.model_name": resolved.name,
                 "flowscore.model_version": str(resolved.version),
             }
-        run = c.create_run(
+        run = mlf.create_run(
             exp, run_name=f"eval-{resolved.name or 'bundle'}-{resolved.version or ''}", tags=tags
         )
         rid = run.info.run_id
         tracking.log_params(
-            c,
+            mlf,
             rid,
             tracking.safe_params(
                 {
@@ -306,18 +307,18 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
                 v = report[kind].get(m)
                 if v is not None:
                     metrics.append((f"{kind}.{m}", float(v), 0, now))
-        tracking.log_metrics(c, rid, metrics)
+        tracking.log_metrics(mlf, rid, metrics)
         for p in [*pngs, out_dir / "evaluation.json"]:
-            c.log_artifact(rid, str(p))
-        c.set_terminated(rid, "FINISHED")
+            mlf.log_artifact(rid, str(p))
+        mlf.set_terminated(rid, "FINISHED")
         if resolved.name and resolved.version:
             for kind in ("image_auroc", "pixel_auroc"):
                 v = report[kind].get("flow")
                 if v is not None:
-                    c.set_model_version_tag(
+                    mlf.set_model_version_tag(
                         resolved.name, resolved.version, f"eval.{kind}", f"{v:.4f}"
                     )
-            c.set_model_version_tag(resolved.name, resolved.version, "eval.run_id", rid)
+            mlf.set_model_version_tag(resolved.name, resolved.version, "eval.run_id", rid)
         log(f"MLflow: evaluation run {rid}")
     log(f"done in {time.perf_counter() - t0:.0f} s; JSON in {out_dir / 'evaluation.json'}")
     return report

@@ -178,14 +178,14 @@ def run_job(
         done = tables.existing_keys(catalog, version, uris) | tables.error_keys(
             catalog, uris, model_version=version, permanent=True
         )
-        todo = [e for e in listed if (e.image_uri, e.etag) not in done]
+        todo = [entry for entry in listed if (entry.image_uri, entry.etag) not in done]
         log(
             f"archive: {len(listed)} images; {len(listed) - len(todo)} already in the tables "
             f"for version {version}; {len(todo)} to score"
         )
         if dry_run:
-            for e in todo[:20]:
-                out(e.image_uri)
+            for entry in todo[:20]:
+                out(entry.image_uri)
             if len(todo) > 20:
                 out(f"... and {len(todo) - 20} more")
             out(f"dry run: would score {len(todo)} of {len(listed)} images with {pinned}")

@@ -389,7 +389,6 @@ def run_query(
     query ran out of time. Messages go to ``err`` (default stderr)."""
     import duckdb
 
-
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
 

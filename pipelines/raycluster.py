@@ -168,7 +168,7 @@ def _enable_local_token_auth() -> None:
     if mode == "token" and not any(os.environ.get(k) for k in _AUTH_TOKEN_ENVS):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     try:  # Ray caches its config (the auth mode included) at first use: read it again
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]
 
         Config.initialize("")
     except (ImportError, AttributeError):  # pragma: no cover - another Ray version

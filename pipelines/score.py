@@ -139,10 +139,11 @@ def decode_task(
     msg: list[str | None] = [None] * n
     for i in range(n):
         mtime = datetime.fromisoformat(mtimes[i]) if mtimes[i] else None
-        if sizes[i] is not None and sizes[i] > max_bytes:
+        size = sizes[i]
+        if size is not None and size > max_bytes:
             stage[i], etype[i] = "read", TOO_LARGE
             msg[i] = (
-                f"{uris[i]}: {sizes[i] / 2**20:.1f} MB is above the limit of "
+                f"{uris[i]}: {size / 2**20:.1f} MB is above the limit of "
                 f"{max_bytes / 2**20:g} MB ({MAX_FILE_ENV}); not read"
             )
             when[i] = captured_at(None, paths[i], mtime)
@@ -404,7 +405,7 @@ def score_stream(
 
     for s0 in range(0, len(entries), segment):
         part = entries[s0 : s0 + segment]
-        ds = ray.data.from_items(
+        ds: Any = ray.data.from_items(
             _entry_rows(part, path_columns),
             override_num_blocks=max(1, -(-len(part) // cfg.batch_size)),
         )
@@ -429,6 +430,7 @@ def score_stream(
             **remote,
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            assert isinstance(batch, pa.Table)
             pending.append(batch)
             held += batch.num_rows
             done += batch.num_rows

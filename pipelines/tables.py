@@ -127,6 +127,14 @@ _SUMMARY = (
 ).split()
 
 
+def _expressions(*names: str) -> tuple[Any, ...]:
+    """pyiceberg row-filter expression classes by name. They take ``(column, value)``
+    positionally at run time; their type annotations (pydantic fields) do not say so."""
+    import pyiceberg.expressions as expressions
+
+    return tuple(getattr(expressions, n) for n in names)
+
+
 def _field(name: str, typ: pa.DataType, key: bool = False) -> pa.Field:
     return pa.field(name, typ, nullable=not key)
 
@@ -618,7 +626,7 @@ def _with_field_ids(tbl: Table) -> pa.Schema:
 
 
 def _run_row(catalog: Catalog, run_id: str) -> dict[str, Any] | None:
-    from pyiceberg.expressions import EqualTo
+    (EqualTo,) = _expressions("EqualTo")
 
     tbl = catalog.load_table(qualified(RUNS))
     rows = tbl.scan(row_filter=EqualTo("run_id", run_id)).to_arrow().to_pylist()
@@ -697,7 +705,7 @@ def mark_dead_runs(catalog: Catalog, job: str, note: str) -> list[str]:
     """Mark every ``running`` row of ``job`` in ``runs`` as ``failed``, appending ``note`` to
     its warnings; the run ids. Called by a run that has just taken over the job's lock from a
     run whose lease expired: no other run of the job can be alive then."""
-    from pyiceberg.expressions import And, EqualTo
+    And, EqualTo = _expressions("And", "EqualTo")
 
     tbl = load_table(catalog, RUNS)
     if tbl is None:
@@ -721,7 +729,8 @@ def _keys(
     catalog: Catalog, table: str, row_filter: Any, uris: set[str] | None
 ) -> set[tuple[str, str]]:
     import pyarrow.compute as pc
-    from pyiceberg.expressions import And, In
+
+    And, In = _expressions("And", "In")
 
     tbl = load_table(catalog, table)
     if tbl is None or (uris is not None and not uris):
@@ -739,7 +748,7 @@ def existing_keys(
 ) -> set[tuple[str, str]]:
     """``(image_uri, etag)`` pairs already in ``image_scores`` for ``model_version``
     (optionally only for these URIs). Reads two columns of that version's partition."""
-    from pyiceberg.expressions import EqualTo
+    (EqualTo,) = _expressions("EqualTo")
 
     return _keys(catalog, IMAGE_SCORES, EqualTo("model_version", model_version), uris)
 
@@ -755,7 +764,9 @@ def error_keys(
     """``(image_uri, etag)`` pairs in ``scoring_errors``, optionally only: of one run, for
     these URIs, of one model version, and (``permanent``) not ``retryable``: what the
     nightly job must not try again under that version."""
-    from pyiceberg.expressions import AlwaysTrue, And, EqualTo, NotEqualTo
+    AlwaysTrue, And, EqualTo, NotEqualTo = _expressions(
+        "AlwaysTrue", "And", "EqualTo", "NotEqualTo"
+    )
 
     row_filter: Any = EqualTo("run_id", run_id) if run_id is not None else AlwaysTrue()
     if model_version is not None:
@@ -774,7 +785,7 @@ def settle_errors(
     chunk's new error rows. Made *before* the chunk's ``image_scores`` commit, so a key is
     never in both tables; a crash between the two leaves the scored keys in neither, and the
     next run scores them. No commit when there is nothing to change."""
-    from pyiceberg.expressions import And, EqualTo, In, IsNull, Or
+    And, EqualTo, In, IsNull, Or = _expressions("And", "EqualTo", "In", "IsNull", "Or")
 
     if not settled and errors.num_rows == 0:
         return

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from flowcore.fit import (
     spec_to_dict,
 )
 from flowcore.flows import Flow, build_flow
+from flowcore.scorer import FeaturizerModule
 from flowcore.training import (
     EarlyStopping,
     load_optimizer_tensors,
@@ -128,7 +129,7 @@ def _basis_rows_task(
 def _feature_rows_task(
     batch: dict[str, np.ndarray],
     spec_d: dict[str, Any],
-    featurizer: torch.nn.Module,
+    featurizer: FeaturizerModule,
     per_image: int,
     fresh: bool,
 ) -> dict[str, np.ndarray]:
@@ -161,7 +162,7 @@ def fit_featurizer_on_ray(
     train: Sequence[ArchiveEntry],
     log: Log,
     backbone_state: dict[str, torch.Tensor] | None = None,
-) -> torch.nn.Module:
+) -> FeaturizerModule:
     """Stage 1: decode the training images in Ray Data tasks, draw ``basis_rows`` raw rows
     spread evenly over them, fit the featurizer in the driver. ``backbone_state``: the CNN
     backbone's weights (None: the random backbone seeded by ``spec.seed``)."""
@@ -450,7 +451,7 @@ def train_flow_on_ray(
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]
         ),
         datasets={"train": train_ds, "val": val_ds},
     )
@@ -464,7 +465,7 @@ def train_flow_on_ray(
         stop.set()
         printer.join(timeout=5)
         _drain_now(queue, log)
-        ray.kill(queue.actor)
+        ray.kill(cast(Any, queue.actor))
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
