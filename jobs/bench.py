@@ -43,6 +43,7 @@ from flowcore.flows import build_flow
 from flowcore.multiscale import MultiScaleConfig, MultiScaleFeaturizer
 from flowcore.scorer import Scorer
 from flowcore.windows import WindowConfig, WindowFeaturizer, grid_shape, resize, to_tensor
+from pipelines.log import Log
 
 __all__ = [
     "random_scorer",
@@ -53,8 +54,6 @@ __all__ = [
     "run_bench",
     "format_table",
 ]
-
-Log = Callable[[str], None]
 
 
 def _random_windows(cfg: WindowConfig, gen: torch.Generator) -> WindowFeaturizer:

@@ -17,17 +17,21 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from pipelines.log import Log
+
+if TYPE_CHECKING:
+    from pipelines.selection import Only
 
 __all__ = ["EvalRequest", "EvalUsageError", "run_evaluate"]
 
 EXPERIMENT = "flowscore-evaluate"
-Log = Callable[[str], None]
 
 
 class EvalUsageError(ValueError):
@@ -41,7 +45,7 @@ class EvalRequest:
     json_path: str | None = None
     out_dir: str | None = None
     train_archive: str | None = None
-    only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    only: Only = ()
     baseline_rows: int = 20_000
     batch: int = 8
     log_mlflow: bool = True
@@ -49,8 +53,8 @@ class EvalRequest:
 
 def _training_images(meta: dict[str, Any], req: EvalRequest, log: Log) -> list[Any]:
     """The model's training images (not its held-out ones): same archive, filters, split."""
-    from flowcore.fit import split_holdout
     from pipelines.archive import ArchiveError, list_archive
+    from pipelines.selection import apply_only, training_split, without_labelled_anomalies
     from pipelines.truth import read_labels
 
     archive = req.train_archive or meta.get("archive")
@@ -64,17 +68,12 @@ def _training_images(meta: dict[str, Any], req: EvalRequest, log: Log) -> list[A
     except ArchiveError as e:
         raise EvalUsageError(f"training archive: {e}") from e
     if req.train_archive is None:
-        for key, values in (meta.get("only") or {}).items():
-            entries = [e for e in entries if e.columns.get(key) in values]
+        entries = apply_only(entries, meta.get("only") or {})
         if meta.get("skip_labelled_anomalies"):
-            labels = read_labels(archive)
-            entries = [e for e in entries if labels.get(e.path, 0) == 0]
+            entries = without_labelled_anomalies(entries, read_labels(archive))
         spec = meta.get("spec") or {}
         if len(entries) >= 2:
-            idx, _ = split_holdout(
-                [e.path for e in entries], spec.get("val_fraction", 0.1), spec.get("seed", 0)
-            )
-            entries = [entries[i] for i in idx]
+            entries, _ = training_split(entries, spec.get("val_fraction", 0.1), spec.get("seed", 0))
     if not entries:
         raise EvalUsageError(f"training archive {archive}: no images to fit the baselines on")
     log(f"baselines: fitting on windows of {len(entries)} training images of {archive}")
@@ -127,6 +126,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     from pipelines.archive import ArchiveError, DecodeError, decode_image, list_archive, read_bytes
     from pipelines.evaluation import METHODS, Evaluator, fit_baselines, format_table, image_auroc
     from pipelines.paths import flowscore_home
+    from pipelines.selection import apply_only
     from pipelines.truth import read_defects, read_labels, read_mask
 
     t0 = time.perf_counter()
@@ -141,8 +141,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
             f"archive {req.archive} has no ground truth (_truth/labels.csv with path,label); "
             "evaluate needs labelled images"
         )
-    for key, values in req.only:
-        entries = [e for e in entries if e.columns.get(key) in values]
+    entries = apply_only(entries, req.only)
     entries = [e for e in entries if e.path in labels]
     n_anom = sum(labels[e.path] for e in entries)
     if not entries or n_anom == 0 or n_anom == len(entries):

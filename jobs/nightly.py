@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.log import Log
+
 __all__ = ["JobSpec", "JobUsageError", "load_job", "run_job"]
 
-Log = Callable[[str], None]
 EXIT_OK, EXIT_USAGE, EXIT_ERROR_RATE, EXIT_LOCK_LOST = 0, 2, 3, 4
 
 

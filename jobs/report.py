@@ -50,13 +50,15 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
+
+from pipelines.log import Log
 
 if TYPE_CHECKING:
     import duckdb
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ReportUsageError", "run_report", "DEFAULT_TOP", "IMAGES_DIR"]
 
-Log = Callable[[str], None]
 
 DEFAULT_TOP = 8  # worst and best images shown
 IMAGES_DIR = "images"  # subdirectory of the report directory holding the PNGs

@@ -24,9 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pipelines.log import Log
 from pipelines.redact import redact
+
+if TYPE_CHECKING:
+    from pipelines.selection import Only
 
 __all__ = [
     "ScoreRequest",
@@ -37,7 +41,6 @@ __all__ = [
     "check_bundle",
 ]
 
-Log = Callable[[str], None]
 EXPERIMENT = "flowscore-score"
 
 
@@ -59,7 +62,7 @@ class ScoreRequest:
     # and 19.8 for 32 (grain-full, 460×640, 1 actor, 2 cores); memory grows ~7 MB per image
     batch_size: int = 16
     ray_address: str | None = None
-    only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    only: Only = ()
     # (image_uri, etag) pairs not to score (the nightly job's incremental subtraction)
     skip: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     # ``model`` already resolved *and checked* (check_bundle) by the caller (a
@@ -139,6 +142,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         score_stream,
         stream_buffer_per_actor,
     )
+    from pipelines.selection import apply_only
 
     if req.commit_every < 1 or req.actors < 1 or req.batch_size < 1:
         raise ScoreUsageError("--commit-every, --actors and --batch-size must be >= 1")
@@ -163,8 +167,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         listed = sorted(list_archive(req.archive), key=lambda e: e.path)
     except ArchiveError as e:
         raise ScoreUsageError(str(e)) from e
-    for key, values in req.only:
-        listed = [e for e in listed if e.columns.get(key) in values]
+    listed = apply_only(listed, req.only)
     todo = [e for e in listed if (e.image_uri, e.etag) not in req.skip]
     skipped = len(listed) - len(todo)
     path_columns = sorted({k for e in listed for k in e.columns})

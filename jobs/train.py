@@ -18,16 +18,19 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pipelines.log import Log
+
+if TYPE_CHECKING:
+    from pipelines.selection import Only
 
 __all__ = ["TrainRequest", "TrainOutcome", "load_spec", "run_train", "select_images"]
 
 EXPERIMENT_PREFIX = "flowscore-train/"
-Log = Callable[[str], None]
 
 
 class TrainUsageError(ValueError):
@@ -44,7 +47,7 @@ class TrainRequest:
     use_gpu: bool = False
     promote: bool = True
     resume: bool = False
-    only: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    only: Only = ()
     skip_labelled_anomalies: bool = False
     max_epochs: int | None = None
     calibrate_by: str | None = None
@@ -102,6 +105,7 @@ def select_images(req: TrainRequest, log: Log) -> list[Any]:
     """The archive's images after ``--only`` filters and (optionally) without the images
     that the archive's ground truth labels anomalous. Sorted by path."""
     from pipelines.archive import ArchiveError, list_archive
+    from pipelines.selection import apply_only, without_labelled_anomalies
     from pipelines.truth import read_labels
 
     try:
@@ -109,8 +113,7 @@ def select_images(req: TrainRequest, log: Log) -> list[Any]:
     except ArchiveError as e:
         raise TrainUsageError(str(e)) from e
     listed = len(entries)
-    for key, values in req.only:
-        entries = [e for e in entries if e.columns.get(key) in values]
+    entries = apply_only(entries, req.only)
     if req.skip_labelled_anomalies:
         labels = read_labels(req.archive)
         if not labels:
@@ -118,7 +121,7 @@ def select_images(req: TrainRequest, log: Log) -> list[Any]:
                 f"{req.archive}: --skip-labelled-anomalies needs _truth/labels.csv, "
                 "which this archive does not have"
             )
-        entries = [e for e in entries if labels.get(e.path, 0) == 0]
+        entries = without_labelled_anomalies(entries, labels)
     if not listed:
         raise TrainUsageError(
             f"archive {req.archive} holds no images (.jpg .jpeg .png .tif .tiff .bmp .webp "
@@ -212,11 +215,12 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     import torch
 
     from flowcore.bundle import load_bundle, save_bundle
-    from flowcore.fit import calibrate, spec_to_dict, split_holdout
+    from flowcore.fit import calibrate, spec_to_dict
     from flowcore.scorer import Scorer
     from jobs.render import save_loss_curve, save_overlay
     from pipelines import tracking
     from pipelines.raycluster import ensure_ray, plan_workers
+    from pipelines.selection import training_split
     from pipelines.train import fit_featurizer_on_ray, iter_images, train_flow_on_ray
 
     t_start = time.perf_counter()
@@ -232,9 +236,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     tracking.check_reachable(client, uri)
 
     entries = select_images(req, log)
-    train_idx, val_idx = split_holdout([e.path for e in entries], spec.val_fraction, spec.seed)
-    train = [entries[i] for i in train_idx]
-    val = [entries[i] for i in val_idx]
+    train, val = training_split(entries, spec.val_fraction, spec.seed)
     log(f"split: {len(train)} training images, {len(val)} held out whole for validation")
 
     job_dir = _job_dir(req.name)

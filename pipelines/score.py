@@ -50,7 +50,6 @@ __all__ = [
     "path_column_name",
 ]
 
-Log = Callable[[str], None]
 ERROR_COLUMNS = ("stage", "error_type", "message")
 _KEY_SCORES = ["image_uri", "etag", "model_version"]
 # one error row per file version: a rerun that fails the same file again replaces it

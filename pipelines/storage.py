@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
-from .errors import exception_chain
+from .errors import exception_chain, one_line
 from .redact import redact
 from .settings import SettingError, env_number
 
@@ -336,13 +336,6 @@ def is_transient(e: BaseException) -> bool:
     return False
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    first = lines[0] if lines else ""
-    text = redact(f"{type(e).__name__}: {first}" if first else type(e).__name__)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def retry_transient(
     action: Callable[[], _R],
     what: str,
@@ -378,10 +371,10 @@ def retry_transient(
                     f"S3 storage unavailable: could not {what} {uri} at {endpoint()} "
                     f"for {elapsed:.0f} s ({attempt} attempt(s), each with up to "
                     f"{s.retries} retries; {RETRY_BUDGET_ENV}={s.retry_budget_s:g}): "
-                    f"{_one_line(e)}"
+                    f"{one_line(e)}"
                 ) from e
             _log.warning(
-                "S3 %s %s failed (%s); retrying in %.1f s", what, redact(uri), _one_line(e), wait
+                "S3 %s %s failed (%s); retrying in %.1f s", what, redact(uri), one_line(e), wait
             )
             sleep(wait)
             delay = min(delay * 2, MAX_BACKOFF_S)
@@ -407,7 +400,7 @@ def storage_failure(e: BaseException) -> str | None:
     for x in chain:
         if isinstance(x, StorageUnavailable):
             message = getattr(x, "message", None)
-            return redact(message) if isinstance(message, str) else _one_line(x)
+            return redact(message) if isinstance(message, str) else one_line(x)
     for x in chain:
         found = _UNAVAILABLE_LINE.search(str(x))
         if found:
@@ -430,7 +423,7 @@ def _error_line(e: BaseException) -> str:
     if aws or lines:
         line = redact((aws or lines)[0])
         return line if len(line) <= 300 else line[:297] + "..."
-    return _one_line(e)
+    return one_line(e)
 
 
 def _looks_like_s3(e: BaseException) -> bool:

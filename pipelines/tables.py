@@ -57,6 +57,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from .errors import one_line
 from .paths import flowscore_home
 from .redact import redact
 
@@ -277,12 +278,6 @@ def local_path(location: str) -> str:
     return location
 
 
-def _one_line(e: BaseException, secret_free: Callable[[str], str] = redact) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else ""
-    return secret_free(f"{type(e).__name__}: {first}" if first else type(e).__name__)
-
-
 def load_catalog_() -> Catalog:
     """The flowscore catalog (creating its SQL tables and namespace ``flowscore`` if
     missing). Raises :class:`TablesError` naming the catalog URI when it cannot be opened."""
@@ -302,7 +297,7 @@ def load_catalog_() -> Catalog:
             raise TablesError(
                 f"cannot open the Iceberg catalog at {redact(cfg['uri'])} "
                 f"(warehouse {redact(cfg['warehouse'])}; set {CATALOG_URI_ENV} / {WAREHOUSE_ENV}): "
-                f"{_one_line(e)}"
+                f"{one_line(e)}"
             ) from e
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -453,7 +448,7 @@ def ensure_tables(catalog: Catalog, path_columns: Sequence[str] = ()) -> None:
     except Exception as e:  # noqa: BLE001 - storage and catalog errors: one clear line
         where = getattr(catalog, "properties", {}).get("warehouse", "the warehouse")
         raise TablesError(
-            f"cannot create or update the flowscore tables in {where}: {_one_line(e)}"
+            f"cannot create or update the flowscore tables in {where}: {one_line(e)}"
         ) from e
 
 

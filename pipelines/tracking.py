@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from .errors import exception_chain
+from .errors import exception_chain, one_line
 from .paths import flowscore_home
 from .redact import is_secret_name, redact
 
@@ -250,15 +250,8 @@ def failure_reason(exc: BaseException) -> str:
     (3 attempt(s))``, ``connected but no answer within 10 s …``, else the first line of the
     underlying error), credentials scrubbed; for warnings that already name the store."""
     if isinstance(exc, TrackingError) and exc.__cause__ is not None:
-        return _server_failure(exc) or _first_line(exc.__cause__)
-    return _server_failure(exc) or _first_line(exc)
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    line = redact(line)
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+        return _server_failure(exc) or one_line(exc.__cause__, with_type=False)
+    return _server_failure(exc) or one_line(exc, with_type=False)
 
 
 def _is_unreachable(exc: BaseException) -> bool:
@@ -280,7 +273,7 @@ def _unreachable_message(uri: str, doing: str, exc: BaseException) -> str:
     else:
         fix = "check that the path exists and is writable, or set MLFLOW_TRACKING_URI"
     what = f" while {doing}" if doing else ""
-    why = (_server_failure(exc) if _is_server(uri) else None) or _first_line(exc)
+    why = (_server_failure(exc) if _is_server(uri) else None) or one_line(exc, with_type=False)
     return f"MLflow tracking {_store_kind(uri)} at {safe_uri} is not reachable{what}: {why}; {fix}"
 
 

@@ -25,7 +25,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -54,6 +54,7 @@ from flowcore.training import (
 )
 
 from .archive import ArchiveEntry, DecodeError, decode_image, read_bytes
+from .log import Log
 from .raycluster import WorkerPlan
 
 __all__ = [
@@ -66,7 +67,6 @@ __all__ = [
     "read_checkpoint_state",
 ]
 
-Log = Callable[[str], None]
 _IMAGES_PER_TASK = 8
 
 
