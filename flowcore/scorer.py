@@ -31,6 +31,8 @@ __all__ = [
     "PERCENTILES",
     "SUMMARY_COLUMNS",
     "STATISTICS",
+    "PRECISIONS",
+    "resolve_precision",
     "ImageScore",
     "Calibration",
     "image_statistics",
@@ -79,6 +81,25 @@ class ScoredBatch:
     summary: dict[str, np.ndarray]
     is_anomaly: np.ndarray
     threshold_source: list[str] | None = None
+
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+"""Arithmetic of the featurizer (:meth:`Scorer.set_precision`)."""
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """``fp32``/``bf16`` as given; ``auto``: bf16 on a CUDA device that has it, fp32 on a
+    CPU. (On this project's AMX CPU bf16 made the grain-full scorer 1.3x faster but moved
+    the 99th percentile of window log-likelihoods by 0.6 nats, past the 0.5 gate: see the
+    README's Speed section.)"""
+    if precision in PRECISIONS:
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision must be fp32, bf16 or auto, not {precision!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 STATISTICS: tuple[str, ...] = (
@@ -269,6 +290,7 @@ class Scorer(nn.Module):
         self.image_score = image_score or ImageScore()
         self.calibration = calibration
         self.chunk_rows = chunk_rows
+        self.precision = "fp32"  # set_precision
         self.flow_config: FlowConfig = flow_config or MAFConfig()
         self.training_stats: dict[str, object] = {}
 
@@ -284,6 +306,18 @@ class Scorer(nn.Module):
         """(N, H, W, 3) uint8 -> (N, D, gh, gw) feature grid."""
         return self.featurizer(to_tensor(images, self.device))
 
+    def set_precision(self, precision: str) -> None:
+        """``"fp32"`` (default) or ``"bf16"``: the featurizer's projection (window models) or
+        backbone (CNN) in bfloat16 with float32 accumulation; the flow, the residual and the
+        summaries stay float32. Not stored in a bundle: a property of the run."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        for m in self.featurizer.modules():
+            if isinstance(m, WindowFeaturizer):
+                m.compute_dtype = dtype
+        self.precision = precision
+
     def features_and_grid(
         self, images: np.ndarray | Tensor | Sequence[np.ndarray]
     ) -> tuple[Tensor, Tensor]:
@@ -292,6 +326,10 @@ class Scorer(nn.Module):
         x = to_tensor(images, self.device)
         if isinstance(self.featurizer, WindowFeaturizer | MultiScaleFeaturizer):
             feats, extra = self.featurizer.featurize(x)
+        elif self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                feats = self.featurizer(x)
+            feats, extra = feats.float(), None
         else:
             feats, extra = self.featurizer(x), None
         grid = self.grid_from_features(feats)

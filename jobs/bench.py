@@ -103,12 +103,26 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def gemm_gflops(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
-    """fp32 rate of an n×n by n×n matmul (best of ``repeats`` after a warm-up), in GFLOP/s.
-    The best, not the mean: the roofline must be the machine's rate, not a noisy one (a
-    single cold call measured 236 against 330 GFLOP/s here)."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+def has_bf16_units(device: str = "cpu") -> bool:
+    """Whether the machine multiplies bf16 matrices in hardware: AMX tiles (Linux
+    ``amx_bf16`` CPU flag) or a CUDA GPU with bf16."""
+    if device != "cpu":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any("amx_bf16" in line.split() for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def gemm_gflops(
+    n: int = 2048, repeats: int = 10, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """Rate of an n×n by n×n matmul in ``dtype`` (best of ``repeats`` after a warm-up), in
+    GFLOP/s. The best, not the mean: the roofline must be the machine's rate, not a noisy one
+    (a single cold call measured 236 against 330 GFLOP/s here)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
 
     def run() -> None:
         a @ b
@@ -207,6 +221,7 @@ def pipeline_bench(
     commit_every: int = 5000,
     batch: int = 16,
     ray_address: str | None = None,
+    precision: str = "fp32",
     log: Log = lambda s: None,
 ) -> dict[str, Any]:
     """Files -> committed table rows through the real scoring job; see the module docstring."""
@@ -231,6 +246,7 @@ def pipeline_bench(
                     threads=threads,
                     batch_size=batch,
                     job="bench",
+                    precision=precision,
                 ),
                 log=lambda s: log(f"  {s}"),
             )
@@ -355,9 +371,12 @@ def run_bench(
     actors: int = 1,
     ray_address: str | None = None,
     memory_images: int = 0,
+    bf16: bool = True,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Measure and return the bench object of DESIGN.md."""
+    """Measure and return the bench object of DESIGN.md. With ``bf16`` and bf16 matrix
+    units, also the bf16 matmul rate, the scorer and pipeline in bf16, and how far bf16 moves
+    the window log-likelihoods of this model on these images."""
     if threads:
         torch.set_num_threads(threads)
     scorer = (model or random_scorer(preset)).to(device).eval()
@@ -380,6 +399,13 @@ def run_bench(
             torch.cuda.synchronize()
 
     t_scorer = _best_time(score_all, 2)
+    log("bench: timing JPEG decoding ...")
+    decode_ms = _decode_ms(imgs)
+    lowp = bf16 and has_bf16_units(device)
+    bf16_figures: dict[str, Any] = {}
+    if lowp:
+        log("bench: timing bf16 matmul and the scorer in bf16 ...")
+        bf16_figures = _bf16_figures(scorer, imgs, batch, score_all, device)
     naive: float | None = None  # images/s
     gh = 0
     if isinstance(scorer.featurizer, WindowFeaturizer):  # the research code had one scale
@@ -413,6 +439,8 @@ def run_bench(
         "naive_images_per_s": None if naive is None else round(naive, 3),
         "naive_rows_timed": min(naive_rows, gh),
         "naive_fraction_of_roofline": None if naive is None else round(naive / (gemm / gflop), 3),
+        "decode_ms_per_image": round(decode_ms, 2),
+        **bf16_figures,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch": str(torch.__version__),
         "machine": platform.machine(),
@@ -434,6 +462,22 @@ def run_bench(
         out["pipeline_fraction_of_roofline"] = round(
             p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
         )
+        if lowp:
+            log("bench: the pipeline again, featurizer in bf16 ...")
+            p16 = pipeline_bench(
+                scorer,
+                images=pipeline_images,
+                height=height,
+                width=width,
+                actors=actors,
+                threads=threads,
+                use_gpu=device != "cpu",
+                batch=batch,
+                ray_address=ray_address,
+                precision="bf16",
+                log=log,
+            )
+            out["pipeline_bf16_images_per_s"] = p16["pipeline_images_per_s"]
     if memory_images:
         out["memory"] = memory_bench(
             scorer, images=memory_images, height=height, width=width, actors=actors, log=log
@@ -442,6 +486,70 @@ def run_bench(
     # pipeline ran (its actors and tasks are other processes)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out
+
+
+def _decode_ms(imgs: np.ndarray) -> float:
+    """Milliseconds to decode one of these images from JPEG bytes (quality 90) with the
+    scoring job's decoder (best of two passes)."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.archive import decode_image
+
+    blobs = []
+    for img in imgs:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        blobs.append(buf.getvalue())
+
+    def run() -> None:
+        for b in blobs:
+            decode_image(b)
+
+    return 1000 * _best_time(run, 2) / len(blobs)
+
+
+def _bf16_figures(
+    scorer: Scorer,
+    imgs: np.ndarray,
+    batch: int,
+    score_all: Callable[[], None],
+    device: str,
+) -> dict[str, Any]:
+    """The bf16 matmul rate, the scorer's images/s in bf16, and the accuracy gates of
+    issue 14 on these images: |ΔLL| per window (median, 99th percentile) and the Spearman
+    correlation of per-image quality, bf16 against fp32."""
+    from scipy.stats import spearmanr
+
+    gemm16 = gemm_gflops(device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = [scorer.log_likelihood_grid(imgs[k : k + batch]) for k in range(0, len(imgs), batch)]
+        scorer.set_precision("bf16")
+        try:
+            low = [
+                scorer.log_likelihood_grid(imgs[k : k + batch]) for k in range(0, len(imgs), batch)
+            ]
+            t16 = _best_time(score_all, 2)
+        finally:
+            scorer.set_precision("fp32")
+    a, b = torch.cat(ref).float(), torch.cat(low).float()
+    diff = (a - b).abs().flatten()
+
+    def quality(g: torch.Tensor) -> np.ndarray:
+        q = torch.quantile(
+            g.flatten(1).double(), torch.tensor([0.25, 0.5], dtype=torch.float64), dim=1
+        )
+        return ((q[0] + q[1]) / 2).numpy()
+
+    rho = spearmanr(quality(a), quality(b)).correlation if len(imgs) > 2 else float("nan")
+    return {
+        "gemm_bf16_gflops": round(gemm16, 1),
+        "scorer_bf16_images_per_s": round(len(imgs) / t16, 2),
+        "bf16_median_abs_dll": round(float(diff.median()), 4),
+        "bf16_p99_abs_dll": round(float(torch.quantile(diff.double(), 0.99)), 4),
+        "bf16_quality_spearman": round(float(rho), 5),
+    }
 
 
 def format_table(r: dict[str, Any]) -> str:
@@ -454,6 +562,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['gflop_per_image']} (projection {r['gflop_projection']}, flow {r['gflop_flow']})",
         ),
         ("fp32 matmul GFLOP/s", f"{r['gemm_gflops']}"),
+        ("JPEG decode ms/image", f"{r['decode_ms_per_image']}"),
         ("roofline images/s", f"{r['roofline_images_per_s']}"),
         (
             "scorer images/s",
@@ -479,6 +588,17 @@ def format_table(r: dict[str, Any]) -> str:
         ),
         ("peak RSS MB", f"{r['peak_rss_mb']}"),
     ]
+    if "gemm_bf16_gflops" in r:
+        rows[-1:-1] = [
+            ("bf16 matmul GFLOP/s", f"{r['gemm_bf16_gflops']}"),
+            (
+                "scorer bf16 images/s",
+                f"{r['scorer_bf16_images_per_s']} (|ΔLL| median {r['bf16_median_abs_dll']}, "
+                f"99th pct {r['bf16_p99_abs_dll']} nats; quality Spearman "
+                f"{r['bf16_quality_spearman']})",
+            ),
+            ("pipeline bf16 images/s", f"{r.get('pipeline_bf16_images_per_s', 'not measured')}"),
+        ]
     m = r.get("memory")
     if m:
         for label in ("small", "large"):

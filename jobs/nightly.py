@@ -57,6 +57,7 @@ class JobSpec:
     heatmaps: bool = True
     commit_every: int = 5000
     max_error_rate: float = 0.05
+    precision: str = "fp32"
 
 
 _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -67,6 +68,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "heatmaps": (bool,),
         "commit_every": (int,),
         "max_error_rate": (float, int),
+        "precision": (str,),
     },
 }
 
@@ -103,6 +105,10 @@ def load_job(path: str | Path) -> JobSpec:
         raise JobUsageError(f"{p}: score.actors and score.commit_every must be >= 1")
     if not 0 <= spec.max_error_rate <= 1:
         raise JobUsageError(f"{p}: score.max_error_rate must be in [0, 1]")
+    if spec.precision not in ("fp32", "bf16", "auto"):
+        raise JobUsageError(
+            f"{p}: score.precision must be fp32, bf16 or auto, got {spec.precision!r}"
+        )
     return spec
 
 
@@ -208,6 +214,7 @@ def run_job(
                     skip=frozenset(done),
                     resolved=resolved,  # pinned and checked above: not asked for or loaded again
                     fence=lock.check,
+                    precision=spec.precision,
                 ),
                 log,
             )

@@ -69,6 +69,8 @@ class ScoreRequest:
     # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
     # the bundle not loaded twice (the nightly job pins and checks its version at start)
     resolved: Any = None
+    # the featurizer's arithmetic: fp32, bf16 or auto (flowcore.scorer.resolve_precision)
+    precision: str = "fp32"
     # called right before each commit; raises to stop the run (the nightly job's lock
     # fencing, pipelines.lock.JobLock.check)
     fence: Callable[[], None] | None = None
@@ -131,6 +133,7 @@ def check_bundle(path: str | Path) -> None:
 
 
 def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
+    from flowcore.scorer import resolve_precision
     from pipelines import tables, tracking
     from pipelines.archive import ArchiveError, check_archive_uri, list_archive
     from pipelines.lock import LockLost
@@ -153,6 +156,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     try:
         stream_buffer_per_actor()
         max_bytes = max_file_bytes()
+        precision = resolve_precision(req.precision, "cuda" if req.use_gpu else "cpu")
     except ValueError as e:
         raise ScoreUsageError(str(e)) from e
     t0 = time.perf_counter()
@@ -222,6 +226,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 device="cuda" if req.use_gpu else "cpu",
                 batch_size=req.batch_size,
                 max_bytes=max_bytes,
+                precision=precision,
                 pid_dir=os.environ.get("FLOWSCORE_TEST_ACTOR_PID_DIR") or None,
             )
             commits = -(-len(todo) // req.commit_every)
@@ -229,6 +234,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 f"scoring {len(todo)} images in {commits} commit(s) of up to "
                 f"{req.commit_every} on {req.actors} actor(s) × ({plan.cpus_per_worker:g} "
                 f"{'GPU' if req.use_gpu else 'CPU'}, {threads} torch thread(s))"
+                + (f", featurizer in {precision}" if precision != "fp32" else "")
             )
             scores_schema = tables.image_scores_arrow_schema(path_columns)
             t_score = time.perf_counter()

@@ -87,6 +87,7 @@ class ScoreConfig:
     batch_size: int = 8
     max_pixels: int = 100_000_000
     max_bytes: int = 256 * 2**20  # files above it are not read (FLOWSCORE_MAX_FILE_MB)
+    precision: str = "fp32"  # the featurizer's arithmetic (Scorer.set_precision)
     pid_dir: str | None = None  # test hook: each actor leaves a file named by its pid
 
 
@@ -188,6 +189,7 @@ class ScorerActor:
         torch.set_num_threads(max(1, cfg.threads))
         self.cfg = cfg
         self.scorer = load_bundle(cfg.bundle_path, device=cfg.device)
+        self.scorer.set_precision(cfg.precision)
         self.geometry = self.scorer.geometry
         if cfg.pid_dir:
             import os

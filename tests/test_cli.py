@@ -107,9 +107,18 @@ def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
         "scorer_images_per_s",
         "pipeline_images_per_s",
         "naive_images_per_s",
+        "decode_ms_per_image",
         "peak_rss_mb",
     ):
         assert key in r, key
+    assert r["decode_ms_per_image"] > 0
+    from jobs.bench import has_bf16_units
+
+    if has_bf16_units():  # the bf16 figures where the machine has the matrix units
+        assert r["gemm_bf16_gflops"] > 0 and r["scorer_bf16_images_per_s"] > 0
+        assert 0 <= r["bf16_median_abs_dll"] <= r["bf16_p99_abs_dll"]
+    else:
+        assert "gemm_bf16_gflops" not in r
     assert (r["window"], r["stride"], r["components"], r["threads"]) == (11, 2, 363, 1)
     # FLOPs from the shapes, by hand: 53×75 windows; projection 2·363·363 per window;
     # MAF 5 MADEs of 363->100->726 per window
@@ -136,6 +145,9 @@ def test_bench_pipeline_scores_real_files_into_a_scratch_catalog(
     r = json.loads(path.read_text())
     assert r["pipeline_images"] == 20 and r["pipeline_images_per_s"] > 0
     assert r["pipeline_command_images_per_s"] <= r["pipeline_images_per_s"]
+    from jobs.bench import has_bf16_units
+
+    assert (r.get("pipeline_bf16_images_per_s") or 0) > 0 or not has_bf16_units()
     assert r["pipeline_fraction_of_roofline"] == pytest.approx(
         r["pipeline_images_per_s"] / r["roofline_images_per_s"], abs=1e-3
     )
