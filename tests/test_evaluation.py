@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -293,13 +294,19 @@ def test_evaluator_without_masks_gives_null_pixel_auroc():
 
 
 def test_evaluator_survives_non_finite_grids():
-    ev = Evaluator({}, GEOM)
+    """A -inf and a NaN window change the AUROCs by no more than two windows can."""
     grids, labels, masks = _synthetic_batch(4)
+    clean = Evaluator({}, GEOM)
+    clean.add(grids.copy(), None, labels, masks, H, W)
     grids[0, 0, 0] = -np.inf
     grids[2, 1, 1] = np.nan
+    ev = Evaluator({}, GEOM)
     ev.add(grids, None, labels, masks, H, W)
-    res = ev.result()
-    assert res.methods["flow"].pixel_auroc is not None
+    res, ref = ev.result().methods["flow"], clean.result().methods["flow"]
+    assert ref.pixel_auroc is not None and ref.pixel_auroc > 0.9
+    assert res.pixel_auroc is not None and math.isfinite(res.pixel_auroc)
+    assert abs(res.pixel_auroc - ref.pixel_auroc) < 0.05
+    assert res.image_auroc is not None and math.isfinite(res.image_auroc)
 
 
 def test_evaluator_validates_shapes(baselines):

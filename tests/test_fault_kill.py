@@ -22,6 +22,9 @@ from pipelines.synth import write_archive
 pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(900)]
 
 KILLS = 20
+#: the kill points are drawn from this seed unless FLOWSCORE_FAULT_SEED names another (a CI
+#: failure replays exactly; set a new seed by hand to explore other points)
+DEFAULT_SEED = 20261130
 
 
 def _score(archive: Path, model: Path, home: Path, log: Path) -> subprocess.Popen:
@@ -74,7 +77,7 @@ def test_kill_9_at_ten_random_points_then_rerun(ray_session, tmp_path, monkeypat
     # twenty kill points (seed printed; FLOWSCORE_FAULT_SEED replays a failure): half at a
     # random time before the first commit (start-up, listing, tables, actors, the first
     # chunk), half a random moment after a random commit (scoring, or inside a commit)
-    seed = int(os.environ.get("FLOWSCORE_FAULT_SEED") or random.randrange(2**31))
+    seed = int(os.environ.get("FLOWSCORE_FAULT_SEED") or DEFAULT_SEED)
     rng = random.Random(seed)
     commits = (tmp_path / "ref.log").read_text().count("  commit ")
     home = tmp_path / "home"
