@@ -40,6 +40,7 @@ from .archive import (
 from .errors import find_in_chain
 from .lock import LockLost
 from .settings import env_number
+from .storage import retry_transient
 
 __all__ = [
     "ScoreConfig",
@@ -468,7 +469,13 @@ def _commit(
     settled = list(
         zip(rows.column("image_uri").to_pylist(), rows.column("etag").to_pylist(), strict=True)
     )
-    settle_errors(catalog, cfg.model_version, settled, errors)
+    # idempotent (it deletes the rows of every settled key, new ones included, before it
+    # appends), so a commit retried through an S3 outage never doubles a row
+    retry_transient(
+        lambda: settle_errors(catalog, cfg.model_version, settled, errors),
+        "commit scoring_errors to",
+        str(catalog_kwargs.get("warehouse", "")),
+    )
     if scores.num_rows:
         files = [scores.slice(k, FILE_IMAGES) for k in range(0, scores.num_rows, FILE_IMAGES)]
         ray.data.from_arrow(files).write_iceberg(
