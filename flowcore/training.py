@@ -1,13 +1,16 @@
 """Maximum-likelihood fitting of a flow: mini-batch Adam, gradient clipping, early stopping on
-held-out NLL with the best weights restored. A plain function: the Ray Train loop calls it (or
-its one-epoch pieces) per worker; nothing here knows about Ray."""
+held-out NLL with the best weights restored. Nothing here knows about Ray: :func:`fit_flow`
+and the Ray Train loop (``pipelines/train.py``) run the same epoch, made of
+:func:`train_batches` (the optimisation over whatever batches they have), :func:`nll_sums`
+(held-out NLL) and :class:`EpochTracker` (early stopping, the best weights, the history);
+the Ray loop only adds data shards, all-reduces and checkpoint reports around them."""
 
 from __future__ import annotations
 
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +23,11 @@ __all__ = [
     "EpochStats",
     "FitResult",
     "EarlyStopping",
+    "EpochTracker",
     "fit_flow",
+    "train_batches",
+    "nll_sums",
+    "shuffled_batches",
     "mean_nll",
     "train_epoch",
     "nll_step",
@@ -74,15 +81,23 @@ class FitResult:
 
 
 @torch.no_grad()
-def mean_nll(flow: Flow, x: Tensor, batch_size: int = 4096) -> float:
-    """Mean negative log-likelihood of the rows of x under the flow, in evaluation mode."""
+def nll_sums(flow: Flow, batches: Iterable[Tensor]) -> tuple[float, int]:
+    """(summed negative log-likelihood, rows) of the batches under the flow, in evaluation
+    mode (float64 sums)."""
     was_training = flow.training
     flow.eval()
-    total = 0.0
-    for start in range(0, x.shape[0], batch_size):
-        total -= float(flow.log_prob(x[start : start + batch_size]).double().sum())
+    total, count = 0.0, 0
+    for x in batches:
+        total -= float(flow.log_prob(x).double().sum())
+        count += x.shape[0]
     flow.train(was_training)
-    return total / max(1, x.shape[0])
+    return total, count
+
+
+def mean_nll(flow: Flow, x: Tensor, batch_size: int = 4096) -> float:
+    """Mean negative log-likelihood of the rows of x under the flow, in evaluation mode."""
+    total, count = nll_sums(flow, x.split(batch_size))
+    return total / max(1, count)
 
 
 def nll_step(
@@ -103,6 +118,32 @@ def nll_step(
     return float(loss.detach())
 
 
+def train_batches(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[Tensor],
+    clip_norm: float,
+) -> tuple[float, int]:
+    """One epoch of optimisation, one :func:`nll_step` per batch: (summed training NLL,
+    rows). A batch of fewer than two rows is skipped (batch norm needs two; equal shards of
+    a distributed run skip alike)."""
+    model.train()
+    total, count = 0.0, 0
+    for x in batches:
+        if x.shape[0] < 2:
+            continue
+        total += nll_step(model, opt, x, clip_norm) * x.shape[0]
+        count += x.shape[0]
+    return total, count
+
+
+def shuffled_batches(x: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """The rows of x in a random order (from ``generator``), ``batch_size`` at a time."""
+    perm = torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)
+    for start in range(0, x.shape[0], batch_size):
+        yield x[perm[start : start + batch_size]]
+
+
 def train_epoch(
     flow: Flow,
     opt: torch.optim.Optimizer,
@@ -111,15 +152,9 @@ def train_epoch(
     generator: torch.Generator,
 ) -> float:
     """One pass over x in shuffled mini-batches; returns the mean training NLL."""
-    flow.train()
-    perm = torch.randperm(x.shape[0], generator=generator, device="cpu").to(x.device)
-    total, count = 0.0, 0
-    for start in range(0, x.shape[0], cfg.batch_size):
-        idx = perm[start : start + cfg.batch_size]
-        if idx.numel() < 2:  # batch norm needs two rows
-            continue
-        total += nll_step(flow, opt, x[idx], cfg.clip_norm) * idx.numel()
-        count += idx.numel()
+    total, count = train_batches(
+        flow, opt, shuffled_batches(x, cfg.batch_size, generator), cfg.clip_norm
+    )
     return total / max(1, count)
 
 
@@ -157,6 +192,41 @@ class EarlyStopping:
         self.bad = int(d["bad"])
 
 
+class EpochTracker:
+    """What happens at the end of every epoch, in :func:`fit_flow` and in the Ray Train loop
+    alike: early stopping on the held-out NLL, a copy of the best epoch's weights, the
+    history of :class:`EpochStats`. A resumed run restores ``stopper`` (its state is
+    plain numbers) and ``best_state`` from its checkpoint."""
+
+    def __init__(self, flow: Flow, cfg: FitConfig) -> None:
+        self.flow = flow
+        self.stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+        self.best_state: dict[str, Tensor] = copy.deepcopy(flow.state_dict())
+        self.history: list[EpochStats] = []
+
+    def end_epoch(
+        self, epoch: int, train_nll: float, val_nll: float, seconds: float, rows: float
+    ) -> EpochStats:
+        is_best = self.stopper.update(epoch, val_nll)
+        if is_best:
+            self.best_state = copy.deepcopy(self.flow.state_dict())
+        stats = EpochStats(
+            epoch,
+            train_nll,
+            val_nll,
+            seconds,
+            rows / seconds if seconds > 0 else 0.0,
+            self.stopper.best,
+            is_best,
+        )
+        self.history.append(stats)
+        return stats
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stopper.should_stop
+
+
 def fit_flow(
     flow: Flow,
     train: Tensor,
@@ -177,28 +247,23 @@ def fit_flow(
         raise ValueError("need at least 2 training rows and 1 validation row")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    best_state = copy.deepcopy(flow.state_dict())
-    result = FitResult(best_epoch=0, best_val_nll=math.inf)
+    tracker = EpochTracker(flow, cfg)
+    result = FitResult(best_epoch=0, best_val_nll=math.inf, history=tracker.history)
     for epoch in range(1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         train_nll = train_epoch(flow, opt, train, cfg, gen)
         val_nll = mean_nll(flow, val)
-        dt = time.perf_counter() - t0
-        is_best = stopper.update(epoch, val_nll)
-        if is_best:
-            best_state = copy.deepcopy(flow.state_dict())
-            result.best_epoch, result.best_val_nll = epoch, val_nll
-        stats = EpochStats(
-            epoch, train_nll, val_nll, dt, train.shape[0] / dt, stopper.best, is_best
+        stats = tracker.end_epoch(
+            epoch, train_nll, val_nll, time.perf_counter() - t0, train.shape[0]
         )
-        result.history.append(stats)
+        if stats.is_best:
+            result.best_epoch, result.best_val_nll = epoch, val_nll
         if on_epoch is not None:
             on_epoch(stats)
-        if stopper.should_stop:
+        if tracker.should_stop:
             result.stopped_early = True
             break
-    flow.load_state_dict(best_state)
+    flow.load_state_dict(tracker.best_state)
     flow.eval()
     return result
 

@@ -47,10 +47,11 @@ from flowcore.fit import (
 from flowcore.flows import Flow, build_flow
 from flowcore.scorer import FeaturizerModule
 from flowcore.training import (
-    EarlyStopping,
+    EpochTracker,
     load_optimizer_tensors,
-    nll_step,
+    nll_sums,
     optimizer_tensors,
+    train_batches,
 )
 
 from .archive import ArchiveEntry, DecodeError, decode_image, read_bytes
@@ -234,13 +235,8 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
 
 
 def _nll_sums(flow: Flow, it: Any, device: torch.device) -> tuple[float, float]:
-    flow.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in it.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device):
-            x = batch["x"]
-            total -= float(flow.log_prob(x).double().sum())
-            count += x.shape[0]
+    batches = it.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device)
+    total, count = nll_sums(flow, (b["x"] for b in batches))
     return total, float(count)
 
 
@@ -270,9 +266,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.seed)
     flow = build_flow(spec.features, spec.flow)
     opt = torch.optim.Adam(flow.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    history: list[dict[str, float]] = []
-    best_state = copy.deepcopy(flow.state_dict())
+    tracker = EpochTracker(flow, cfg)  # early stopping and the best weights, as in fit_flow
+    history: list[dict[str, float]] = []  # the metrics reported (and logged to MLflow)
     initial_val: float | None = None
     start = 1
     ckpt = ray.train.get_checkpoint()
@@ -280,9 +275,9 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             state = read_checkpoint_state(d)
             flow.load_state_dict(load_file(str(Path(d) / "flow.safetensors")))
-            best_state = load_file(str(Path(d) / "best.safetensors"))
+            tracker.best_state = load_file(str(Path(d) / "best.safetensors"))
             load_optimizer_tensors(opt, load_file(str(Path(d) / "optimizer.safetensors")))
-        stopper.load_state(state["stopper"])
+        tracker.stopper.load_state(state["stopper"])
         history = list(state["history"])
         initial_val = state["initial_val_nll"]
         start = int(state["epoch"]) + 1
@@ -296,7 +291,7 @@ def train_loop(config: dict[str, Any]) -> None:
         initial_val = s / max(1.0, n)
     per_batch = max(2, cfg.batch_size // world)
     fault = config.get("fault")
-    stopped = bool(history) and stopper.should_stop
+    stopped = bool(history) and tracker.should_stop
     epoch = start
     for epoch in range(start, cfg.max_epochs + 1):
         if stopped:
@@ -305,23 +300,16 @@ def train_loop(config: dict[str, Any]) -> None:
             Path(fault["marker"]).write_text(f"raised at epoch {epoch}\n")
             raise RuntimeError(f"injected worker failure at epoch {epoch} (fault test)")
         t0 = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        for batch in train_it.iter_torch_batches(
+        batches = train_it.iter_torch_batches(
             batch_size=per_batch, dtypes=torch.float32, device=device
-        ):
-            x = batch["x"]
-            if x.shape[0] < 2:  # batch norm needs two rows; equal shards skip alike
-                continue
-            total += nll_step(model, opt, x, cfg.clip_norm) * x.shape[0]
-            count += x.shape[0]
+        )
+        total, count = train_batches(model, opt, (b["x"] for b in batches), cfg.clip_norm)
         t_sum, t_n = _allreduce([total, float(count)])
         v_sum, v_n = _allreduce(list(_nll_sums(flow, val_it, device)))
         train_nll, val_nll = t_sum / max(1.0, t_n), v_sum / max(1.0, v_n)
         seconds = time.perf_counter() - t0
-        is_best = stopper.update(epoch, val_nll)
-        if is_best:
-            best_state = copy.deepcopy(flow.state_dict())
+        is_best = tracker.end_epoch(epoch, train_nll, val_nll, seconds, t_n).is_best
+        stopper = tracker.stopper
         metrics = {
             "epoch": epoch,
             "train_nll": train_nll,
@@ -333,7 +321,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "timestamp_ms": int(time.time() * 1000),
         }
         history.append(metrics)
-        stopped = stopper.should_stop
+        stopped = tracker.should_stop
         if rank == 0:
             mean_s = sum(h["seconds"] for h in history) / len(history)
             left = 0 if stopped else (cfg.max_epochs - epoch) * mean_s
@@ -352,7 +340,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 "stopped_early": stopped,
             }
             with tempfile.TemporaryDirectory() as tmp:
-                _save_checkpoint(Path(tmp), flow, best_state, opt, state)
+                _save_checkpoint(Path(tmp), flow, tracker.best_state, opt, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)
