@@ -89,9 +89,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
     """``fp32``/``bf16`` as given; ``auto``: bf16 on a CUDA device that has it, fp32 on a
-    CPU. (On this project's AMX CPU bf16 made the grain-full scorer 1.3x faster but moved
-    the 99th percentile of window log-likelihoods by 0.6 nats, past the 0.5 gate: see the
-    README's Speed section.)"""
+    CPU. On this project's CPU (AVX-512 BF16), bf16 made the grain-full scorer 1.2x faster
+    but moved the 99th percentile of window log-likelihoods by 0.6 nats, past the 0.5 gate
+    (the README's Speed section)."""
     if precision in PRECISIONS:
         return precision
     if precision != "auto":

@@ -104,13 +104,14 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
 
 
 def has_bf16_units(device: str = "cpu") -> bool:
-    """Whether the machine multiplies bf16 matrices in hardware: AMX tiles (Linux
-    ``amx_bf16`` CPU flag) or a CUDA GPU with bf16."""
+    """Whether the machine multiplies bf16 matrices in hardware: AMX tiles or AVX-512 BF16
+    dot products (Linux CPU flags ``amx_bf16``, ``avx512_bf16``), or a CUDA GPU with bf16."""
     if device != "cpu":
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     try:
         with open("/proc/cpuinfo") as f:
-            return any("amx_bf16" in line.split() for line in f if line.startswith("flags"))
+            flags = {w for line in f if line.startswith("flags") for w in line.split()}
+        return bool(flags & {"amx_bf16", "avx512_bf16"})
     except OSError:
         return False
 
