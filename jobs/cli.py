@@ -588,10 +588,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=["fp32", "bf16", "auto"],
         default="fp32",
-        help="the featurizer's arithmetic: bf16 uses the CPU's bf16 units (AMX, AVX-512 BF16) "
-        "or the GPU's tensor cores (measured here: 1.2x faster on grain-full, window log-likelihoods within 0.04 "
-        "nats at the median, 0.6 at the 99th percentile); auto = bf16 on a CUDA GPU, fp32 on "
-        "a CPU (default: %(default)s)",
+        help="the featurizer's arithmetic: bf16 uses the CPU's bf16 units (AMX, AVX-512 "
+        "BF16) or the GPU's tensor cores (measured here: 1.2x faster on grain-full, window "
+        "log-likelihoods within 0.04 nats at the median, 0.6 at the 99th percentile); auto = "
+        "bf16 on a CUDA GPU, fp32 on a CPU (default: %(default)s)",
     )
     sc.add_argument(
         "--only",
