@@ -313,9 +313,11 @@ class Scorer(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        full_res = getattr(self.featurizer.cfg, "scale", 1.0) == 1.0
         for m in self.featurizer.modules():
             if isinstance(m, WindowFeaturizer):
                 m.compute_dtype = dtype
+                m.pixel_levels = full_res and m.cfg.scale == 1.0
         self.precision = precision
 
     def features_and_grid(

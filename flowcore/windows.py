@@ -175,14 +175,22 @@ _BF16_CHUNK = 4  # images per bf16 convolution: 2, 4 and 8 measured alike, 16 at
 
 
 def conv_windows_bf16(
-    xs: Tensor, weight: Tensor, bias: Tensor, window: int, stride: int, centre: Tensor
+    xs: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    window: int,
+    stride: int,
+    centre: Tensor,
+    levels: bool = True,
 ) -> Tensor:
     """``conv2d(xs, weight, bias, stride)`` with bfloat16 operands and float32 accumulation
     (AMX tiles on a CPU that has them, tensor cores on a GPU), as accurate as bf16 allows:
 
-    - pixels enter as grey levels k - round(255·centre), integers in [-255, 255] that bf16
-      holds exactly (8-bit images; a resized image is rounded to the nearest level first);
-      the weights take the 1/255;
+    - with ``levels`` (pixels that are k/255: decoded 8-bit images at full resolution) they
+      enter as grey levels k - round(255·centre), integers in [-255, 255] that bf16 holds
+      exactly, and the weights take the 1/255. Other inputs (resized images) are centred,
+      x - centre, before rounding: bf16 keeps 8 bits of each, which whitened models without
+      a reduction (grain-quarter) amplify;
     - space-to-depth: the image is cut into stride × stride cells stacked as channels
       (3·s² of them), the kernel padded to a multiple of the stride likewise, and the
       strided convolution becomes a stride-1 one with many input channels, the shape the
@@ -192,22 +200,26 @@ def conv_windows_bf16(
     if n > _BF16_CHUNK:  # a few images at a time: their bf16 copies stay in cache
         return torch.cat(
             [
-                conv_windows_bf16(part, weight, bias, window, stride, centre)
+                conv_windows_bf16(part, weight, bias, window, stride, centre, levels)
                 for part in xs.split(_BF16_CHUNK)
             ]
         )
     gh, gw = (h - window) // stride + 1, (w - window) // stride + 1
-    c_int = torch.round(centre.to(xs.dtype) * 255.0).view(1, 3, 1, 1)
-    # grey levels as integers minus an integer centre: exact in bf16 for 8-bit pixels
-    # (resized images are rounded to the nearest level, within half a grey level)
-    y = torch.round(xs * 255.0).sub_(c_int).to(torch.bfloat16)
-    bias = bias + (weight * (c_int / 255.0)).sum((1, 2, 3))
+    if levels:  # grey levels minus an integer centre: exact in bf16
+        c_int = torch.round(centre.to(xs.dtype) * 255.0).view(1, 3, 1, 1)
+        y = torch.round(xs * 255.0).sub_(c_int).to(torch.bfloat16)
+        bias = bias + (weight * (c_int / 255.0)).sum((1, 2, 3))
+        weight = weight / 255.0
+    else:
+        c = centre.to(xs.dtype).view(1, 3, 1, 1)
+        y = (xs - c).to(torch.bfloat16)
+        bias = bias + (weight * c).sum((1, 2, 3))
     hp, wp = -(-h // stride) * stride, -(-w // stride) * stride
     if (hp, wp) != (h, w):
         y = F.pad(y, (0, wp - w, 0, hp - h))
     ys = F.pixel_unshuffle(y, stride).contiguous(memory_format=torch.channels_last)
     kp = -(-window // stride) * stride
-    ks = F.pixel_unshuffle(F.pad(weight / 255.0, (0, kp - window, 0, kp - window)), stride)
+    ks = F.pixel_unshuffle(F.pad(weight, (0, kp - window, 0, kp - window)), stride)
     out = F.conv2d(ys, ks.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
     return out[:, :, :gh, :gw].float() + bias.float().view(1, -1, 1, 1)
 
@@ -307,6 +319,8 @@ class WindowFeaturizer(nn.Module):
     #: the projection's arithmetic: float32, or torch.bfloat16 (``Scorer.set_precision``);
     #: not stored in a bundle (a property of the run, not of the model)
     compute_dtype: torch.dtype = torch.float32
+    #: whether the pixels reaching the projection are 8-bit levels (k/255): full resolution
+    pixel_levels: bool = True
 
     def kernel(self) -> tuple[Tensor, Tensor]:
         """The folded convolution: weight (k, 3, w, w) and bias (k,). Recomputed per call: it
@@ -350,7 +364,9 @@ class WindowFeaturizer(nn.Module):
         when :attr:`compute_dtype` says so (:func:`conv_windows_bf16`)."""
         if self.compute_dtype == torch.bfloat16:
             centre = self._shifted_mean()[0]
-            return conv_windows_bf16(xs, weight, bias, self.cfg.window, self.cfg.stride, centre)
+            return conv_windows_bf16(
+                xs, weight, bias, self.cfg.window, self.cfg.stride, centre, self.pixel_levels
+            )
         return F.conv2d(xs, weight.to(xs.dtype), bias.to(xs.dtype), stride=self.cfg.stride)
 
     def residual_energy(self, xs: Tensor, feats: Tensor, cross: Tensor | None = None) -> Tensor:
