@@ -54,7 +54,7 @@ def _scores_by_image(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, f
     return dict(zip(t["image_uri"].to_pylist(), t["anomaly_score"].to_pylist(), strict=True))
 
 
-def test_kill_9_at_ten_random_points_then_rerun(ray_session, tmp_path, monkeypatch, small_scorer):
+def test_kill_9_at_twenty_points_then_rerun(ray_session, tmp_path, monkeypatch, small_scorer):
     archive = tmp_path / "archive"
     write_archive(archive, kind="harvest", images=40, seed=7, height=64, width=96)
     (archive / "year=2018" / "zero.png").write_bytes(b"")
