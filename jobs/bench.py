@@ -447,25 +447,9 @@ def run_bench(
         "machine": platform.machine(),
     }
     if pipeline_images:
-        p = pipeline_bench(
-            scorer,
-            images=pipeline_images,
-            height=height,
-            width=width,
-            actors=actors,
-            threads=threads,
-            use_gpu=device != "cpu",
-            batch=batch,
-            ray_address=ray_address,
-            log=log,
-        )
-        out.update(p)
-        out["pipeline_fraction_of_roofline"] = round(
-            p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
-        )
-        if lowp:
-            log("bench: the pipeline again, featurizer in bf16 ...")
-            p16 = pipeline_bench(
+
+        def pipeline(precision: str) -> dict[str, Any]:
+            return pipeline_bench(
                 scorer,
                 images=pipeline_images,
                 height=height,
@@ -475,10 +459,18 @@ def run_bench(
                 use_gpu=device != "cpu",
                 batch=batch,
                 ray_address=ray_address,
-                precision="bf16",
+                precision=precision,
                 log=log,
             )
-            out["pipeline_bf16_images_per_s"] = p16["pipeline_images_per_s"]
+
+        p = pipeline("fp32")
+        out.update(p)
+        out["pipeline_fraction_of_roofline"] = round(
+            p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
+        )
+        if lowp:
+            log("bench: the pipeline again, featurizer in bf16 ...")
+            out["pipeline_bf16_images_per_s"] = pipeline("bf16")["pipeline_images_per_s"]
     if memory_images:
         out["memory"] = memory_bench(
             scorer, images=memory_images, height=height, width=width, actors=actors, log=log
