@@ -125,6 +125,41 @@ def lock_lease_s() -> float:
         raise JobUsageError(str(e)) from e
 
 
+def _record_idle_run(
+    catalog: Any, spec: JobSpec, model_name: str, model_version: str, listed: int
+) -> None:
+    """The ``runs`` row of a run that found nothing new (DESIGN: every run leaves one)."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from pipelines import tables
+    from pipelines.redact import redact
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    run_id = uuid.uuid4().hex
+    tables.ensure_tables(catalog)
+    tables.record_run_start(
+        catalog,
+        run_id=run_id,
+        job=spec.name,
+        model_name=model_name,
+        model_version=model_version,
+        archive=redact(spec.archive),
+        started_at=now,
+        images_listed=listed,
+    )
+    tables.record_run_end(
+        catalog,
+        run_id=run_id,
+        finished_at=datetime.now(UTC).replace(tzinfo=None),
+        status="succeeded",
+        images_scored=0,
+        images_skipped=listed,
+        images_failed=0,
+        images_per_s=0.0,
+    )
+
+
 def run_job(
     path: str | Path,
     *,
@@ -198,6 +233,7 @@ def run_job(
             out(f"dry run: would score {len(todo)} of {len(listed)} images with {pinned}")
             return EXIT_OK
         if not todo:
+            _record_idle_run(catalog, spec, name, version, len(listed))
             out(f"job {spec.name}: nothing new to score ({len(listed)} images already done)")
             return EXIT_OK
         with lock.fencing((tables.IMAGE_SCORES, tables.SCORING_ERRORS)):

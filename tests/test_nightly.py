@@ -52,6 +52,10 @@ def test_second_run_scores_nothing_and_a_replaced_file_is_rescored(
     capsys.readouterr()
     assert main(["run", str(job)]) == 0
     assert "nothing new to score" in capsys.readouterr().out
+    # a run that finds nothing new still leaves its runs row (DESIGN, "runs")
+    idle = max(read_table("runs").to_pylist(), key=lambda r: r["started_at"])
+    assert idle["status"] == "succeeded" and idle["images_scored"] == 0
+    assert idle["images_listed"] == idle["images_skipped"] == 10 and idle["job"] == "t"
     # a file rewritten in place has a new etag: it alone is scored again
     victim = sorted(archive.rglob("img_*.jpg"))[0]
     data = victim.read_bytes()
