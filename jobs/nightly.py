@@ -125,41 +125,6 @@ def lock_lease_s() -> float:
         raise JobUsageError(str(e)) from e
 
 
-def _record_idle_run(
-    catalog: Any, spec: JobSpec, model_name: str, model_version: str, listed: int
-) -> None:
-    """The ``runs`` row of a run that found nothing new (DESIGN: every run leaves one)."""
-    import uuid
-    from datetime import UTC, datetime
-
-    from pipelines import tables
-    from pipelines.redact import redact
-
-    now = datetime.now(UTC).replace(tzinfo=None)
-    run_id = uuid.uuid4().hex
-    tables.ensure_tables(catalog)
-    tables.record_run_start(
-        catalog,
-        run_id=run_id,
-        job=spec.name,
-        model_name=model_name,
-        model_version=model_version,
-        archive=redact(spec.archive),
-        started_at=now,
-        images_listed=listed,
-    )
-    tables.record_run_end(
-        catalog,
-        run_id=run_id,
-        finished_at=datetime.now(UTC).replace(tzinfo=None),
-        status="succeeded",
-        images_scored=0,
-        images_skipped=listed,
-        images_failed=0,
-        images_per_s=0.0,
-    )
-
-
 def run_job(
     path: str | Path,
     *,
@@ -232,10 +197,6 @@ def run_job(
                 out(f"... and {len(todo) - 20} more")
             out(f"dry run: would score {len(todo)} of {len(listed)} images with {pinned}")
             return EXIT_OK
-        if not todo:
-            _record_idle_run(catalog, spec, name, version, len(listed))
-            out(f"job {spec.name}: nothing new to score ({len(listed)} images already done)")
-            return EXIT_OK
         with lock.fencing((tables.IMAGE_SCORES, tables.SCORING_ERRORS)):
             result = run_score(
                 ScoreRequest(
@@ -248,6 +209,7 @@ def run_job(
                     job=spec.name,
                     ray_address=ray_address,
                     skip=frozenset(done),
+                    listed=tuple(listed),
                     resolved=resolved,  # pinned and checked above: not asked for or loaded again
                     fence=lock.check,
                     precision=spec.precision,
@@ -259,6 +221,9 @@ def run_job(
         return EXIT_LOCK_LOST
     finally:
         lock.release()
+    if not todo:  # its runs row is written all the same (DESIGN: every run leaves one)
+        out(f"job {spec.name}: nothing new to score ({len(listed)} images already done)")
+        return EXIT_OK
     out(
         f"job {spec.name}: run {result.run_id}: {result.scored} scored, {result.failed} failed, "
         f"{result.skipped} already done; {result.images_per_s:.1f} images/s"

@@ -69,6 +69,9 @@ class ScoreRequest:
     # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
     # the bundle not loaded twice (the nightly job pins and checks its version at start)
     resolved: Any = None
+    # the archive's listing, when the caller has it already (the nightly job lists it to
+    # subtract what is done): used as is, so a large archive is not listed twice
+    listed: tuple[Any, ...] | None = None
     # the featurizer's arithmetic: fp32, bf16 or auto (flowcore.scorer.resolve_precision)
     precision: str = "fp32"
     # called right before each commit; raises to stop the run (the nightly job's lock
@@ -168,7 +171,8 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     model_name, model_version = model_identity(resolved)
     log(f"model: {req.model} -> {model_name} version {model_version}")
     try:
-        listed = sorted(list_archive(req.archive), key=lambda e: e.path)
+        entries = req.listed if req.listed is not None else list_archive(req.archive)
+        listed = sorted(entries, key=lambda e: e.path)
     except ArchiveError as e:
         raise ScoreUsageError(str(e)) from e
     listed = apply_only(listed, req.only)
