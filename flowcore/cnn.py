@@ -146,6 +146,11 @@ def _alexnet() -> dict[str, _Layer]:
     return {f"features.{i}": _Layer(c, ops) for i, (c, ops) in enumerate(chain)}
 
 
+MAX_CNN_SCALE = 4.0
+"""Largest CNN input scale: above 1 the image is upsampled before the backbone, so that an
+ImageNet network sees small images (and small defects) at the size of its training objects."""
+
+
 def _mobilenet_v2() -> dict[str, _Layer]:
     """torchvision's MobileNetV2 (width 1.0): ``features.0`` the stem conv 3×3/2, then 17
     inverted-residual blocks (1×1 expansion, except in ``features.1``; depthwise 3×3 with
@@ -234,8 +239,11 @@ class CNNConfig:
                 )
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"CNNConfig.layers has duplicates: {list(self.layers)}")
-        if not 0 < self.scale <= 1:
-            raise ValueError(f"CNNConfig.scale must be in (0, 1], got {self.scale}")
+        if not 0 < self.scale <= MAX_CNN_SCALE:
+            raise ValueError(
+                f"CNNConfig.scale must be in (0, {MAX_CNN_SCALE:g}], got {self.scale} "
+                "(above 1 the image is upsampled, for small images and small defects)"
+            )
 
     @property
     def features(self) -> int:

@@ -153,6 +153,27 @@ def test_unknown_layers_and_bad_configs_raise() -> None:
         CNNConfig(layers="layer2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scale"):
         CNNConfig(scale=0)
+    with pytest.raises(ValueError, match=r"scale must be in \(0, 4\]"):
+        CNNConfig(scale=4.5)
+
+
+def test_upsampled_input_gives_a_finer_grid_on_small_images() -> None:
+    """scale > 1 upsamples before the backbone (small images, small defects): the grid has
+    twice the cells per axis of scale 1, features come out for every cell, and a heatmap cell
+    maps back to the image at stride / scale pixels."""
+    one, two = CNNConfig(scale=1.0), CNNConfig(scale=2.0)
+    assert cnn_grid_shape(64, 96, one) == (8, 12)
+    assert cnn_grid_shape(64, 96, two) == (16, 24)
+    feat = CNNFeaturizer(two, init=False)
+    x = to_tensor(np.stack(texture(1, 64, 96, 3)), torch.device("cpu"))
+    with torch.no_grad():
+        assert feat.raw(x).shape == (1, two.features, 16, 24)
+    geo = feat.geometry
+    hot = np.zeros((16, 24), np.float32)
+    hot[5, 7] = 1.0
+    py, px = divmod(int(heatmap_to_image(hot, geo, 64, 96).argmax()), 96)
+    centre = ((5 * geo.stride + geo.window / 2) / 2.0, (7 * geo.stride + geo.window / 2) / 2.0)
+    assert abs(py + 0.5 - centre[0]) <= 1 and abs(px + 0.5 - centre[1]) <= 1
 
 
 def test_config_round_trips_as_data_and_errors_name_the_file() -> None:
