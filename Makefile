@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check flowcore pipelines jobs tests
-	$(BIN)/ruff format --check flowcore pipelines jobs tests
+	$(BIN)/ruff check flowcore pipelines jobs tests scripts
+	$(BIN)/ruff format --check flowcore pipelines jobs tests scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy flowcore pipelines jobs

@@ -26,7 +26,14 @@ from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
 from .flows.config import flow_elements
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
-from .scorer import LEGACY_IMAGE_SCORE, Calibration, FeaturizerModule, ImageScore, Scorer
+from .scorer import (
+    LEGACY_IMAGE_SCORE,
+    PRECISIONS,
+    Calibration,
+    FeaturizerModule,
+    ImageScore,
+    Scorer,
+)
 from .windows import WindowConfig, WindowFeaturizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]
@@ -85,6 +92,7 @@ def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | Non
         "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
         "image_score": scorer.image_score.as_dict(),
         "calibration": scorer.calibration.as_dict() if scorer.calibration else None,
+        "validated_precisions": list(scorer.validated_precisions),
         "training": training or {},
         "versions": _versions(),
     }
@@ -179,8 +187,26 @@ def _image_score_from_meta(d: Any, where: str) -> ImageScore:
             centre=None if centre is None else float(centre),
             spread=None if spread is None else float(spread),
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise BundleError(f"{where}: image_score: {e}") from e
+
+
+def _precisions_from_meta(d: Any, where: str) -> tuple[str, ...]:
+    """The precisions the model passed the accuracy gates in; bundles from before the check
+    existed (no key) are fp32 only."""
+    if d is None:
+        return ("fp32",)
+    if (
+        not isinstance(d, list)
+        or "fp32" not in d
+        or any(p not in PRECISIONS for p in d)
+        or len(set(d)) != len(d)
+    ):
+        raise BundleError(
+            f"{where}: validated_precisions must be a list of {', '.join(PRECISIONS)} that "
+            f"includes fp32; got {str(d)[:80]}"
+        )
+    return tuple(d)
 
 
 def _calibration_from_meta(d: Any, where: str) -> Calibration | None:
@@ -197,7 +223,7 @@ def _calibration_from_meta(d: Any, where: str) -> Calibration | None:
             thresholds={str(k): float(v) for k, v in thr.items()},
             offsets={str(k): float(v) for k, v in off.items()},
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise BundleError(f"{where}: calibration: {e}") from e
 
 
@@ -254,7 +280,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         )
     try:
         flow_cfg = flow_config_from_dict(flow_d, where=f"{meta_path}: flow")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         msg = str(e) if str(meta_path) in str(e) else f"{meta_path}: flow: {e}"
         raise BundleError(msg) from e
     threshold, clip = _threshold_and_clip(meta, str(meta_path))
@@ -282,6 +308,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         heatmap_clip=clip,
         image_score=_image_score_from_meta(meta.get("image_score"), str(meta_path)),
         calibration=_calibration_from_meta(meta.get("calibration"), str(meta_path)),
+    )
+    scorer.validated_precisions = _precisions_from_meta(
+        meta.get("validated_precisions"), str(meta_path)
     )
     # names, shapes and dtypes from the safetensors header (no tensor data read yet)
     expected = scorer.state_dict()

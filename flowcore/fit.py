@@ -574,7 +574,7 @@ def _build(cls: type, d: dict[str, Any], where: str) -> Any:
     _check_types(cls, d, where)
     try:
         return cls(**d)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{where}: {e}") from e
 
 
@@ -635,7 +635,7 @@ def apply_overrides(base: ScorerSpec | None, d: dict[str, Any], where: str) -> S
     flow_d = merged("flow")
     try:
         flow = flow_config_from_dict(flow_d, where=f"{where}: flow")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(str(e)) from e
     fit_cfg = _build(FitConfig, merged("fit"), f"{where}: fit")
     scalars: dict[str, Any] = {
@@ -643,5 +643,5 @@ def apply_overrides(base: ScorerSpec | None, d: dict[str, Any], where: str) -> S
     }
     try:
         return ScorerSpec(featurizer=feat, flow=flow, fit=fit_cfg, **scalars)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"{where}: {e}") from e

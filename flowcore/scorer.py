@@ -87,19 +87,30 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """Arithmetic of the featurizer (:meth:`Scorer.set_precision`)."""
 
 
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
-    """``fp32``/``bf16`` as given; ``auto``: bf16 on a CUDA device that has it, fp32 on a
-    CPU. On this project's CPU (AVX-512 BF16), bf16 made the grain-full scorer 1.2x faster
-    but moved the 99th percentile of window log-likelihoods by 0.6 nats, past the 0.5 gate
-    (the README's Speed section)."""
+def resolve_precision(
+    precision: str,
+    device: str | torch.device = "cpu",
+    validated: Sequence[str] = ("fp32",),
+    *,
+    bf16_units: bool | None = None,
+) -> str:
+    """``fp32``/``bf16`` as given; ``auto``: bf16 where the model was validated in bf16 at
+    training (``validated``, :attr:`Scorer.validated_precisions`) and the device multiplies
+    bf16 in hardware (``bf16_units``; ``None``: :func:`flowcore.precision.has_bf16_units`),
+    else fp32. A model that missed the accuracy gates in bf16 scores in fp32 under ``auto``
+    (on this project's CPU the grain-full window model moved the 99th percentile of window
+    log-likelihoods by 0.6 nats, past the 0.5 gate; the README's Speed section)."""
     if precision in PRECISIONS:
         return precision
     if precision != "auto":
         raise ValueError(f"precision must be fp32, bf16 or auto, not {precision!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if "bf16" not in validated:
+        return "fp32"
+    if bf16_units is None:
+        from .precision import has_bf16_units
+
+        bf16_units = has_bf16_units(device)
+    return "bf16" if bf16_units else "fp32"
 
 
 STATISTICS: tuple[str, ...] = (
@@ -291,6 +302,9 @@ class Scorer(nn.Module):
         self.calibration = calibration
         self.chunk_rows = chunk_rows
         self.precision = "fp32"  # set_precision
+        # the precisions this model passed the accuracy gates in (flowcore.precision), stored
+        # in the bundle; "auto" picks bf16 only where it is listed
+        self.validated_precisions: tuple[str, ...] = ("fp32",)
         self.flow_config: FlowConfig = flow_config or MAFConfig()
         self.training_stats: dict[str, object] = {}
 

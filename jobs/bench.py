@@ -41,6 +41,7 @@ from flowcore.fit import PRESETS
 from flowcore.flops import flops_per_image
 from flowcore.flows import build_flow
 from flowcore.multiscale import MultiScaleConfig, MultiScaleFeaturizer
+from flowcore.precision import check_precision, has_bf16_units
 from flowcore.scorer import Scorer
 from flowcore.windows import WindowConfig, WindowFeaturizer, grid_shape, resize, to_tensor
 from pipelines.log import Log
@@ -101,19 +102,6 @@ def _best_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def has_bf16_units(device: str = "cpu") -> bool:
-    """Whether the machine multiplies bf16 matrices in hardware: AMX tiles or AVX-512 BF16
-    dot products (Linux CPU flags ``amx_bf16``, ``avx512_bf16``), or a CUDA GPU with bf16."""
-    if device != "cpu":
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = {w for line in f if line.startswith("flags") for w in line.split()}
-        return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        return False
 
 
 def gemm_gflops(
@@ -511,37 +499,24 @@ def _bf16_figures(
     device: str,
 ) -> dict[str, Any]:
     """The bf16 matmul rate, the scorer's images/s in bf16, and the accuracy gates of
-    issue 14 on these images: |ΔLL| per window (median, 99th percentile) and the Spearman
-    correlation of per-image quality, bf16 against fp32."""
-    from scipy.stats import spearmanr
-
+    :func:`flowcore.precision.check_precision` on these images: |ΔLL| per window (median,
+    99th percentile) and the Spearman correlation of per-image quality, bf16 against fp32."""
     gemm16 = gemm_gflops(device=device, dtype=torch.bfloat16)
-    with torch.inference_mode():
-        ref = [scorer.log_likelihood_grid(imgs[k : k + batch]) for k in range(0, len(imgs), batch)]
-        scorer.set_precision("bf16")
-        try:
-            low = [
-                scorer.log_likelihood_grid(imgs[k : k + batch]) for k in range(0, len(imgs), batch)
-            ]
+    check = check_precision(scorer, list(imgs), "bf16", batch=batch)
+    scorer.set_precision("bf16")
+    try:
+        with torch.inference_mode():
             t16 = _best_time(score_all, 2)
-        finally:
-            scorer.set_precision("fp32")
-    a, b = torch.cat(ref).float(), torch.cat(low).float()
-    diff = (a - b).abs().flatten()
-
-    def quality(g: torch.Tensor) -> np.ndarray:
-        q = torch.quantile(
-            g.flatten(1).double(), torch.tensor([0.25, 0.5], dtype=torch.float64), dim=1
-        )
-        return ((q[0] + q[1]) / 2).numpy()
-
-    rho = spearmanr(quality(a), quality(b)).correlation if len(imgs) > 2 else float("nan")
+    finally:
+        scorer.set_precision("fp32")
+    rho = check.quality_spearman
     return {
         "gemm_bf16_gflops": round(gemm16, 1),
         "scorer_bf16_images_per_s": round(len(imgs) / t16, 2),
-        "bf16_median_abs_dll": round(float(diff.median()), 4),
-        "bf16_p99_abs_dll": round(float(torch.quantile(diff.double(), 0.99)), 4),
-        "bf16_quality_spearman": round(float(rho), 5),
+        "bf16_median_abs_dll": round(check.median_abs_dll, 4),
+        "bf16_p99_abs_dll": round(check.p99_abs_dll, 4),
+        "bf16_quality_spearman": None if rho is None else round(rho, 5),
+        "bf16_passes_gates": check.passed,
     }
 
 

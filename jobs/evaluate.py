@@ -49,6 +49,9 @@ class EvalRequest:
     baseline_rows: int = 20_000
     batch: int = 8
     log_mlflow: bool = True
+    # the flow's arithmetic: fp32, bf16, auto (as score), or both: fp32 for the tables, and
+    # bf16 beside it (image and pixel AUROC, |ΔLL|, quality Spearman; the precision gates)
+    precision: str = "fp32"
 
 
 def _training_images(meta: dict[str, Any], req: EvalRequest, log: Log) -> list[Any]:
@@ -117,10 +120,48 @@ def _no_dequantize(spec: Any) -> Any:
     return replace(spec, dequantize=False)
 
 
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _precision_comparison(
+    full: Any,
+    low: Any,
+    diffs: list[np.ndarray],
+    qualities: tuple[list[np.ndarray], list[np.ndarray]],
+) -> dict[str, Any]:
+    """fp32 and bf16 side by side: the flow's image and pixel AUROC in each, and the
+    accuracy gates of flowcore.precision on the evaluated images."""
+    from flowcore.precision import GATES, spearman
+
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    med = float(np.median(d)) if d.size else float("nan")
+    p99 = float(np.quantile(d, 0.99)) if d.size else float("nan")
+    rho = spearman(np.concatenate(qualities[0]), np.concatenate(qualities[1]))
+    passes = (
+        med <= GATES.median_abs_dll
+        and p99 <= GATES.p99_abs_dll
+        and (rho is None or rho >= GATES.quality_spearman)
+    )
+    return {
+        name: {
+            "image_auroc": r.methods["flow"].image_auroc,
+            "pixel_auroc": r.methods["flow"].pixel_auroc,
+        }
+        for name, r in (("fp32", full), ("bf16", low))
+    } | {
+        "median_abs_dll": round(med, 5),
+        "p99_abs_dll": round(p99, 5),
+        "quality_spearman": None if rho is None else round(rho, 6),
+        "passes_gates": bool(passes),
+    }
+
+
 def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     import torch
 
     from flowcore.bundle import BundleError, load_bundle
+    from flowcore.scorer import resolve_precision
     from jobs.render import save_roc_curves
     from pipelines import tracking
     from pipelines.archive import ArchiveError, DecodeError, decode_image, list_archive, read_bytes
@@ -169,6 +210,19 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
         image_score=scorer.image_score,
         calibration=scorer.calibration,
     )
+    both = req.precision == "both"
+    try:
+        precision = (
+            "fp32" if both else resolve_precision(req.precision, "cpu", scorer.validated_precisions)
+        )
+    except ValueError as err:
+        raise EvalUsageError(f"--precision: {err} (or both)") from err
+    scorer.set_precision(precision)
+    low = Evaluator(
+        {}, scorer.geometry, image_score=scorer.image_score, calibration=scorer.calibration
+    )
+    diffs: list[np.ndarray] = []
+    qualities: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     by = scorer.calibration.by if scorer.calibration else None
     flow_scores: list[float] = []
     columns: list[dict[str, str]] = []
@@ -197,6 +251,27 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
         )
         raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
         flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
+        if both:  # the same images in bf16, beside fp32
+            scorer.set_precision("bf16")
+            try:
+                with torch.inference_mode():
+                    feats16, grid16 = scorer.features_and_grid(imgs)
+            finally:
+                scorer.set_precision("fp32")
+            g32, g16 = grid.double().cpu(), grid16.double().cpu()
+            fin = torch.isfinite(g32) & torch.isfinite(g16)
+            diffs.append((g32 - g16).abs()[fin].numpy())
+            qualities[0].append(scorer.summarize(grid)["quality"].double().cpu().numpy())
+            qualities[1].append(scorer.summarize(grid16)["quality"].double().cpu().numpy())
+            low.add(
+                grid16.float().cpu().numpy(),
+                feats16.float().cpu().numpy(),
+                labs,
+                masks,
+                [img.shape[0] for _, img in pending],
+                [img.shape[1] for _, img in pending],
+                groups,
+            )
         columns.extend(e.columns for e, _ in pending)
         used_entries.extend(e for e, _ in pending)
         used_labels.extend(labs)
@@ -244,6 +319,11 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     if by_defect:
         report["flow_image_auroc_by_defect"] = by_defect
     report["skipped"] = skipped
+    report["precision"] = precision
+    if both:
+        report["precision_comparison"] = _precision_comparison(
+            result, low.result(), diffs, qualities
+        )
 
     out_dir = (
         Path(req.out_dir)
@@ -270,6 +350,15 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
             continue
         shown = ", ".join(f"{v}: {'—' if a is None else f'{a:.3f}'}" for v, a in vals.items())
         print(f"flow image AUROC by {key}: {shown}")
+    if both:
+        c = report["precision_comparison"]
+        print(
+            f"fp32 | bf16: image AUROC {_fmt(c['fp32']['image_auroc'])} | "
+            f"{_fmt(c['bf16']['image_auroc'])}, pixel AUROC {_fmt(c['fp32']['pixel_auroc'])} | "
+            f"{_fmt(c['bf16']['pixel_auroc'])}; window |ΔLL| median {c['median_abs_dll']:.3f}, "
+            f"p99 {c['p99_abs_dll']:.3f} nats; quality Spearman {_fmt(c['quality_spearman'], 4)}"
+            f"; gates {'passed' if c['passes_gates'] else 'missed'}"
+        )
     log(f"ROC curves: {', '.join(str(p) for p in pngs)}")
 
     if req.log_mlflow:

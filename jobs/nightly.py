@@ -152,7 +152,7 @@ def run_job(
     except tracking.TrackingError as e:
         raise JobUsageError(str(e)) from e
     try:
-        check_bundle(resolved.path)
+        validated = check_bundle(resolved.path)
     except ScoreUsageError as e:
         raise JobUsageError(f"{path}: job.model {spec.model}: {e}") from e
     try:
@@ -211,6 +211,7 @@ def run_job(
                     skip=frozenset(done),
                     listed=tuple(listed),
                     resolved=resolved,  # pinned and checked above: not asked for or loaded again
+                    validated_precisions=validated,
                     fence=lock.check,
                     precision=spec.precision,
                 ),

@@ -69,6 +69,8 @@ class ScoreRequest:
     # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
     # the bundle not loaded twice (the nightly job pins and checks its version at start)
     resolved: Any = None
+    # with ``resolved``: what check_bundle returned for it (the precisions it passed in)
+    validated_precisions: tuple[str, ...] = ("fp32",)
     # the archive's listing, when the caller has it already (the nightly job lists it to
     # subtract what is done): used as is, so a large archive is not listed twice
     listed: tuple[Any, ...] | None = None
@@ -122,15 +124,16 @@ def model_identity(resolved: Any) -> tuple[str, str]:
     return root.name, f"sha-{h.hexdigest()[:12]}"
 
 
-def check_bundle(path: str | Path) -> None:
+def check_bundle(path: str | Path) -> tuple[str, ...]:
     """Load the bundle at ``path`` in full on the CPU (its JSON, and every tensor's name,
     shape and dtype against the model the JSON describes; nothing is unpickled), so that a
     bad bundle is refused in one line naming the file before the catalog or Ray are touched,
-    not by every scorer actor later. Raises :class:`ScoreUsageError`."""
+    not by every scorer actor later. Returns the precisions the model was validated in.
+    Raises :class:`ScoreUsageError`."""
     from flowcore.bundle import BundleError, load_bundle
 
     try:
-        load_bundle(path, device="cpu")
+        return load_bundle(path, device="cpu").validated_precisions
     except BundleError as e:
         raise ScoreUsageError(str(e)) from e
 
@@ -159,17 +162,28 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     try:
         stream_buffer_per_actor()
         max_bytes = max_file_bytes()
-        precision = resolve_precision(req.precision, "cuda" if req.use_gpu else "cpu")
+        resolve_precision(req.precision)  # its spelling, before anything is resolved
     except ValueError as e:
         raise ScoreUsageError(str(e)) from e
     t0 = time.perf_counter()
     # once: every row carries this version
     resolved = req.resolved
+    validated = req.validated_precisions
     if resolved is None:
         resolved = tracking.resolve_model(req.model)
-        check_bundle(resolved.path)
+        validated = check_bundle(resolved.path)
     model_name, model_version = model_identity(resolved)
     log(f"model: {req.model} -> {model_name} version {model_version}")
+    precision = resolve_precision(req.precision, "cuda" if req.use_gpu else "cpu", validated)
+    if req.precision == "auto":
+        why = (
+            "validated at training and this device has bf16 units"
+            if precision == "bf16"
+            else "the model was not validated in bf16"
+            if "bf16" not in validated
+            else "this device has no bf16 units"
+        )
+        log(f"precision auto -> {precision} ({why})")
     try:
         entries = req.listed if req.listed is not None else list_archive(req.archive)
         listed = sorted(entries, key=lambda e: e.path)

@@ -14,6 +14,7 @@ of NAME from its latest checkpoint with the same featurizer, in the same MLflow 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -216,6 +217,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
 
     from flowcore.bundle import load_bundle, save_bundle
     from flowcore.fit import calibrate, spec_to_dict
+    from flowcore.precision import check_precision
     from flowcore.scorer import Scorer
     from jobs.render import save_loss_curve, save_overlay
     from pipelines import tracking
@@ -348,6 +350,10 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
                 for g, t in cal.calibration.thresholds.items()
             )
             log(f"thresholds by {spec.calibrate_by}: {own or 'none (too few held-out images)'}")
+        # bf16 is used under --precision auto only if this model passes the accuracy gates
+        bf16 = check_precision(scorer, (img for _, img in iter_images(val)), "bf16")
+        scorer.validated_precisions = ("fp32", "bf16") if bf16.passed else ("fp32",)
+        log(bf16.summary())
         training = {
             "archive": tracking.scrub_text(req.archive),
             "only": {k: list(v) for k, v in req.only},
@@ -362,6 +368,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             "stopped_early": fit.stopped_early,
             "threshold": threshold,
             "heatmap_clip": list(clip),
+            "precision_check": bf16.as_dict(),
             "workers": req.workers,
             "mlflow_run_id": run_id,
         }
@@ -377,6 +384,14 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             ("best_val_nll", fit.best_val_nll, 0, now),
             ("initial_val_nll", fit.initial_val_nll, 0, now),
             ("threshold", threshold, 0, now),
+            *(
+                (key, value, 0, now)
+                for key, value in (
+                    ("bf16_median_abs_dll", bf16.median_abs_dll),
+                    ("bf16_p99_abs_dll", bf16.p99_abs_dll),
+                )
+                if math.isfinite(value)
+            ),
             ("train_seconds", time.perf_counter() - t_start, 0, now),
         ]
         tracking.log_metrics(client, run_id, metrics)

@@ -112,7 +112,7 @@ def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
     ):
         assert key in r, key
     assert r["decode_ms_per_image"] > 0
-    from jobs.bench import has_bf16_units
+    from flowcore.precision import has_bf16_units
 
     if has_bf16_units():  # the bf16 figures where the machine has the matrix units
         assert r["gemm_bf16_gflops"] > 0 and r["scorer_bf16_images_per_s"] > 0
@@ -145,7 +145,7 @@ def test_bench_pipeline_scores_real_files_into_a_scratch_catalog(
     r = json.loads(path.read_text())
     assert r["pipeline_images"] == 20 and r["pipeline_images_per_s"] > 0
     assert r["pipeline_command_images_per_s"] <= r["pipeline_images_per_s"]
-    from jobs.bench import has_bf16_units
+    from flowcore.precision import has_bf16_units
 
     assert (r.get("pipeline_bf16_images_per_s") or 0) > 0 or not has_bf16_units()
     assert r["pipeline_fraction_of_roofline"] == pytest.approx(

@@ -3,14 +3,18 @@ and how far it moves a trained window model's log-likelihoods (the gates of issu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from flowcore.bundle import BundleError, load_bundle, save_bundle
 from flowcore.fit import FitConfig, ScorerSpec, fit_scorer
 from flowcore.flows import MAFConfig
+from flowcore.precision import GATES, PrecisionGates, check_precision, has_bf16_units, spearman
 from flowcore.scorer import resolve_precision
 from flowcore.windows import WindowConfig, conv_windows_bf16
 from pipelines.synth import render_image
@@ -38,9 +42,25 @@ def test_bf16_convolution_matches_the_float32_one(h, w, window, stride, pixels):
 
 def test_resolve_precision():
     assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    # auto: bf16 only for a model validated in it, on a device with bf16 units
     assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cpu", ("fp32",), bf16_units=True) == "fp32"
+    assert resolve_precision("auto", "cpu", ("fp32", "bf16"), bf16_units=False) == "fp32"
+    assert resolve_precision("auto", "cpu", ("fp32", "bf16"), bf16_units=True) == "bf16"
+    assert resolve_precision("auto", "cpu", ("fp32", "bf16")) == (
+        "bf16" if has_bf16_units("cpu") else "fp32"
+    )
     with pytest.raises(ValueError, match="fp32, bf16 or auto"):
         resolve_precision("fp16")
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 6, 40).astype(float)  # many ties
+    b = a + rng.normal(0, 2, 40)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).correlation, abs=1e-12)
+    assert spearman(a[:2], b[:2]) is None
+    assert spearman(np.ones(5), np.arange(5.0)) == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +105,35 @@ def test_a_trained_window_model_in_bf16_stays_within_the_gates(trained):
     assert spearmanr(quality(ref), quality(low)).correlation >= 0.999
     with pytest.raises(ValueError, match="precision must be"):
         scorer.set_precision("int8")
+
+
+def test_the_precision_check_applies_the_gates_and_restores_the_scorer(trained):
+    scorer, imgs = trained
+    ok = check_precision(scorer, imgs, "bf16")
+    assert ok.images == len(imgs) and ok.windows > 0
+    assert ok.median_abs_dll <= GATES.median_abs_dll and ok.quality_spearman >= 0.999
+    assert ok.passed == (ok.p99_abs_dll <= GATES.p99_abs_dll) and scorer.precision == "fp32"
+    strict = check_precision(scorer, imgs, "bf16", gates=PrecisionGates(median_abs_dll=1e-9))
+    assert not strict.passed and strict.why.startswith("median |ΔLL|")
+    assert "not used: median" in strict.summary()
+    with pytest.raises(ValueError, match="lower precision"):
+        check_precision(scorer, imgs, "fp32")
+
+
+def test_the_bundle_keeps_the_validated_precisions(trained, tmp_path):
+    scorer, imgs = trained
+    scorer.validated_precisions = ("fp32", "bf16")
+    try:
+        path = save_bundle(scorer, tmp_path / "b")
+    finally:
+        scorer.validated_precisions = ("fp32",)
+    assert load_bundle(path).validated_precisions == ("fp32", "bf16")
+    meta = json.loads((path / "flowscore.json").read_text())
+    for bad in (["bf16"], ["fp32", "int8"], "fp32", ["fp32", "fp32"]):
+        meta["validated_precisions"] = bad
+        (path / "flowscore.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match="validated_precisions"):
+            load_bundle(path)
+    del meta["validated_precisions"]  # a bundle from before the check: fp32 only
+    (path / "flowscore.json").write_text(json.dumps(meta))
+    assert load_bundle(path).validated_precisions == ("fp32",)

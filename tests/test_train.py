@@ -133,6 +133,10 @@ def test_train_registers_a_model_that_loads_by_alias_and_scores(trained, capsys,
     sb = scorer.score(img[None])
     assert sb.grid.shape[0] == 1 and np.isfinite(sb.grid).all()
     assert np.isfinite(scorer.threshold)
+    # the precision check ran on the held-out images; bf16 is listed only if it passed
+    check = scorer.training_stats["precision_check"]
+    assert check["precision"] == "bf16" and check["images"] >= 1
+    assert scorer.validated_precisions == (("fp32", "bf16") if check["passed"] else ("fp32",))
     trained_nll, untrained_nll = _val_nll(resolved.path, str(archive))
     # whitened PCA features make the untrained flow (≈ a standard normal) a fair Gaussian
     # model already; training must still beat it clearly
@@ -186,10 +190,19 @@ def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
             str(root / "eval"),
             "--baseline-rows",
             "3000",
+            "--precision",
+            "both",
         ]
     )
     assert code == 0
     rep = json.loads(out.read_text())
+    # fp32 for the tables, bf16 beside it, with the gates on these images
+    cmp = rep["precision_comparison"]
+    assert rep["precision"] == "fp32"
+    assert cmp["fp32"]["image_auroc"] == pytest.approx(rep["image_auroc"]["flow"])
+    assert cmp["fp32"]["pixel_auroc"] == pytest.approx(rep["pixel_auroc"]["flow"])
+    assert abs(cmp["bf16"]["pixel_auroc"] - cmp["fp32"]["pixel_auroc"]) < 0.05
+    assert 0 <= cmp["median_abs_dll"] <= cmp["p99_abs_dll"] and cmp["quality_spearman"] > 0.9
     methods = {"flow", "isolation_forest", "one_class_svm", "gaussian", "pca_nn"}
     assert {"model_uri", "images", "anomalous", "image_auroc", "pixel_auroc"} <= set(rep)
     assert set(rep["image_auroc"]) == methods and set(rep["pixel_auroc"]) == methods
@@ -214,6 +227,7 @@ def test_evaluate_reports_flow_and_baselines(trained, monkeypatch, capsys):
     assert (root / "eval" / "roc_pixel.png").is_file()
     table = capsys.readouterr().out
     assert "isolation_forest" in table and "pixel AUROC" in table
+    assert "fp32 | bf16: image AUROC" in table
     c = tracking.client()
     mv = c.get_model_version("grain-test", "1")
     run = c.get_run(mv.tags["eval.run_id"])
