@@ -33,7 +33,14 @@ def _query_rows(sql: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = False) -> int:
+def run_demo(
+    workdir: Path,
+    *,
+    images: int = 60,
+    seed: int = 0,
+    quiet: bool = False,
+    max_epochs: int = 25,
+) -> int:
     import os
 
     from sklearn.metrics import roc_auc_score
@@ -73,7 +80,7 @@ def run_demo(workdir: Path, *, images: int = 60, seed: int = 0, quiet: bool = Fa
     config.write_text(
         "# overrides of the grain-quarter preset for the demo's small archive:\n"
         "# hold out more whole images, so the threshold rests on more than one\n"
-        "val_fraction = 0.2\n[fit]\nmax_epochs = 25\n"
+        f"val_fraction = 0.2\n[fit]\nmax_epochs = {max_epochs}\n"
     )
     out = run_train(
         TrainRequest(

@@ -64,6 +64,26 @@ def png_bomb(width: int, height: int) -> bytes:
     )
 
 
+#: seconds an idle machine of this kind (2 cores) takes for :func:`busy_factor`'s probe
+#: (4.3-4.6 s measured)
+_PROBE_IDLE_S = 4.5
+
+
+def busy_factor() -> float:
+    """How much slower than idle this machine is right now (>= 1): the time a fresh Python
+    takes to import what a ``flowscore`` child imports, over the idle time. Tests whose point
+    is a time bound (a run must give up within its budget) scale the slack they allow for
+    start-up by it, so a busy machine makes them slower, not red."""
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c", "import torch, ray.data, pyiceberg.catalog.sql, mlflow"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return max(1.0, (time.monotonic() - t0) / _PROBE_IDLE_S)
+
+
 @pytest.fixture(scope="session")
 def small_scorer() -> Scorer:
     """A window scorer fitted in about a second on generated textures."""
@@ -450,3 +470,36 @@ def check_exactly_once(archive: Path) -> None:
     e = list(zip(errors["image_uri"].to_pylist(), errors["etag"].to_pylist(), strict=True))
     assert len(s) == len(set(s)) and len(e) == len(set(e))
     assert set(s) | set(e) == listed and not set(s) & set(e)
+
+
+# --------------------------------------------------------------------- parallel runs
+# `make test` runs the suite in a few pytest-xdist workers (``--dist loadgroup``): most of
+# its wall time is child processes starting, servers answering and leases running out, which
+# overlap well. Two rules make that pay: the longest tests start first, and a module whose
+# module-scoped fixture is expensive (a model trained through Ray Train, say) runs in one
+# worker, so the fixture is built once.
+_ONE_WORKER_MODULES = frozenset(
+    {"test_train", "test_faults", "test_score", "test_report", "test_precision", "test_cnn"}
+)
+_FIRST = ("faults", "slow", "ray", "mlflow_server", "s3")  # the longer kinds of test, in order
+
+
+def _start_order(item: pytest.Item) -> int:
+    marks = {m.name for m in item.iter_markers()}
+    return next((i for i, name in enumerate(_FIRST) if name in marks), len(_FIRST))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+    first: dict[str, int] = {}
+    for item in items:
+        name = module(item)
+        first[name] = min(first.get(name, len(_FIRST)), _start_order(item))
+        if name in _ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(name))
+    # whole modules move (a module's fixtures are built once in a serial run too), the ones
+    # with the longer kinds of test first; file order otherwise
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (first[module(item)], order[id(item)]))

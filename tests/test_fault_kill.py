@@ -1,4 +1,4 @@
-"""Promise 2: kill -9 the scoring job at ten random points across a run, rerun it to the end,
+"""Promise 2: kill -9 the scoring job at twenty random points across a run, rerun it to the end,
 and every file of the archive is in exactly one of ``image_scores`` and ``scoring_errors``,
 once, with the scores an undisturbed run gives. Real processes killed for real, real Ray,
 real Iceberg catalog."""
@@ -19,7 +19,7 @@ from conftest import check_exactly_once, read_table
 from flowcore.bundle import save_bundle
 from pipelines.synth import write_archive
 
-pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.faults, pytest.mark.timeout(1800)]
 
 KILLS = 20
 #: the kill points are drawn from this seed unless FLOWSCORE_FAULT_SEED names another (a CI
@@ -48,6 +48,27 @@ def _commits(log: Path) -> int:
     return log.read_bytes().count(b"  commit ")
 
 
+#: a child that prints nothing for this long is stuck (budgets follow the child's progress
+#: lines, not the wall clock: a busy machine makes a run slower, never a failure)
+QUIET_S = 240.0
+
+
+class Progress:
+    """Fails when ``log`` has not grown for :data:`QUIET_S` seconds."""
+
+    def __init__(self, log: Path, what: str) -> None:
+        self.log, self.what = log, what
+        self.size, self.since = -1, time.monotonic()
+
+    def check(self) -> None:
+        size = self.log.stat().st_size if self.log.exists() else 0
+        if size != self.size:
+            self.size, self.since = size, time.monotonic()
+        assert time.monotonic() - self.since < QUIET_S, (
+            f"{self.what} printed nothing for {QUIET_S:g} s:\n" + self.log.read_text()[-3000:]
+        )
+
+
 def _scores_by_image(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     monkeypatch.setenv("FLOWSCORE_HOME", str(home))
     t = read_table("image_scores")
@@ -65,8 +86,9 @@ def test_kill_9_at_twenty_points_then_rerun(ray_session, tmp_path, monkeypatch, 
     t0 = time.monotonic()
     ref = _score(archive, model, tmp_path / "ref-home", tmp_path / "ref.log")
     first_commit = 0.0
+    progress = Progress(tmp_path / "ref.log", "the undisturbed run")
     while ref.poll() is None:
-        assert time.monotonic() - t0 < 300, "the undisturbed run did not finish"
+        progress.check()
         if not first_commit and _commits(tmp_path / "ref.log"):
             first_commit = time.monotonic() - t0
         time.sleep(0.05)
@@ -98,19 +120,27 @@ def test_kill_9_at_twenty_points_then_rerun(ray_session, tmp_path, monkeypatch, 
             after = rng.randrange(1, commits)
             delay = rng.uniform(0.0, 0.5)
             point = f"{delay:.2f} s after commit {after}"
+            progress = Progress(log, f"run {i + 1}")
             while proc.poll() is None and _commits(log) < after:
-                assert time.monotonic() - started < 300, log.read_text()[-3000:]
+                progress.check()
                 time.sleep(0.02)
             time.sleep(delay)
         finished = proc.poll() is not None  # it ended before its kill point: not a kill
         if not finished:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        print(f"kill {i + 1}: {point}: {_commits(log)} commit(s) done, finished={finished}")
+        print(
+            f"kill {i + 1}: {point}: {_commits(log)} commit(s) done, finished={finished} "
+            f"({time.monotonic() - started:.1f} s)"
+        )
         assert not finished or proc.returncode == 0, log.read_text()[-3000:]
 
     last = _score(archive, model, home, tmp_path / "last.log")
-    assert last.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()[-3000:]
+    progress = Progress(tmp_path / "last.log", "the last run")
+    while last.poll() is None:
+        progress.check()
+        time.sleep(0.05)
+    assert last.returncode == 0, (tmp_path / "last.log").read_text()[-3000:]
     monkeypatch.setenv("FLOWSCORE_HOME", str(home))
     check_exactly_once(archive)
     errors = read_table("scoring_errors")

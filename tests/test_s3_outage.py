@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import busy_factor
 
 from pipelines import storage, tables
 from pipelines.archive import DecodeError, list_archive, read_bytes
@@ -291,6 +292,7 @@ def test_read_bytes_rides_out_a_pause_and_names_a_lasting_one(own_s3_server, tmp
         own_s3_server.resume()
 
     monkeypatch.setenv("FLOWSCORE_S3_RETRY_BUDGET_S", "3")
+    slack = busy_factor()
     own_s3_server.pause()  # longer than the budget: one clear error, in bounded time
     try:
         t0 = time.monotonic()
@@ -299,7 +301,7 @@ def test_read_bytes_rides_out_a_pause_and_names_a_lasting_one(own_s3_server, tmp
         took = time.monotonic() - t0
         # bounded: the 3 s budget plus one attempt's timeouts, with room for a busy machine
         # (5.01 s was seen under a full make test; the unbounded bug took minutes)
-        assert 1.5 <= took <= 3 + 5, took
+        assert 1.5 <= took <= 3 + 5 * slack, (took, slack)
         assert own_s3_server.endpoint in str(lasting.value) and uri in str(lasting.value)
         with pytest.raises(StorageUnavailable, match="list the archive|open the archive"):
             list(list_archive("s3://outage-bytes/a"))
@@ -493,6 +495,7 @@ def test_a_pause_longer_than_the_budget_stops_the_run_clearly(outage_job, own_s3
         FLOWSCORE_S3_RETRY_BUDGET_S="3",
     )
     log = tmp_path / "first.log"
+    slack = busy_factor()  # Ray's exit takes longer on a busy machine
     proc = _run(job, env, log)
     try:
         _wait_for(proc, log, rb"commit 1/", 180)
@@ -505,7 +508,8 @@ def test_a_pause_longer_than_the_budget_stops_the_run_clearly(outage_job, own_s3
     text = log.read_text()
     assert rc == 1, text
     _check_clear_failure(text)
-    assert took < 60, took  # about 13 s here: the budget, a few 1-s timeouts, Ray exiting
+    # about 13 s here: the budget, a few 1-s timeouts, Ray exiting
+    assert took < 60 * slack, (took, slack)
     _check_no_half_commit(log, _first_run_id(), failed=True)
 
     rerun = tmp_path / "rerun.log"
