@@ -240,15 +240,14 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
         groups = [e.columns.get(by) if by else None for e, _ in pending]
         labs = [labels[e.path] for e, _ in pending]
         masks = [read_mask(req.archive, e.path) if labels[e.path] else None for e, _ in pending]
-        evaluator.add(
-            grid.float().cpu().numpy(),
-            feats.float().cpu().numpy(),
-            labs,
-            masks,
-            [img.shape[0] for _, img in pending],
-            [img.shape[1] for _, img in pending],
-            groups,
-        )
+        heights = [img.shape[0] for _, img in pending]
+        widths = [img.shape[1] for _, img in pending]
+
+        def add(ev: Evaluator, feats: torch.Tensor, grid: torch.Tensor) -> None:
+            f, g = feats.float().cpu().numpy(), grid.float().cpu().numpy()
+            ev.add(g, f, labs, masks, heights, widths, groups)
+
+        add(evaluator, feats, grid)
         raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
         flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
         if both:  # the same images in bf16, beside fp32
@@ -263,15 +262,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
             diffs.append((g32 - g16).abs()[fin].numpy())
             qualities[0].append(scorer.summarize(grid)["quality"].double().cpu().numpy())
             qualities[1].append(scorer.summarize(grid16)["quality"].double().cpu().numpy())
-            low.add(
-                grid16.float().cpu().numpy(),
-                feats16.float().cpu().numpy(),
-                labs,
-                masks,
-                [img.shape[0] for _, img in pending],
-                [img.shape[1] for _, img in pending],
-                groups,
-            )
+            add(low, feats16, grid16)
         columns.extend(e.columns for e, _ in pending)
         used_entries.extend(e for e, _ in pending)
         used_labels.extend(labs)
