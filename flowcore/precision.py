@@ -1,7 +1,8 @@
 """Is a fitted scorer as good in bf16 as in fp32? The accuracy gates of a lower precision,
 checked on a model's own held-out images.
 
-``train`` runs :func:`check_precision` on the held-out normal images after calibration and
+``train`` runs :func:`check_precision` on the held-out images and up to 24 training images
+after calibration and
 records in the bundle the precisions that passed (``Scorer.validated_precisions``, always
 including ``fp32``); ``--precision auto`` picks bf16 only for a model validated in it and a
 device that multiplies bf16 in hardware (:func:`has_bf16_units`). ``bench`` and ``evaluate``
@@ -64,7 +65,7 @@ class PrecisionCheck:
         rho = "—" if self.quality_spearman is None else f"{self.quality_spearman:.4f}"
         verdict = "passed" if self.passed else f"not used: {self.why}"
         return (
-            f"{self.precision} against fp32 on {self.images} held-out images: |ΔLL| median "
+            f"{self.precision} against fp32 on {self.images} images: |ΔLL| median "
             f"{self.median_abs_dll:.3f}, p99 {self.p99_abs_dll:.3f} nats, quality Spearman "
             f"{rho}: {verdict}"
         )

@@ -133,7 +133,7 @@ def test_train_registers_a_model_that_loads_by_alias_and_scores(trained, capsys,
     sb = scorer.score(img[None])
     assert sb.grid.shape[0] == 1 and np.isfinite(sb.grid).all()
     assert np.isfinite(scorer.threshold)
-    # the precision check ran on the held-out images; bf16 is listed only if it passed
+    # the precision check ran (held-out and training images); bf16 listed only if it passed
     check = scorer.training_stats["precision_check"]
     assert check["precision"] == "bf16" and check["images"] >= 1
     assert scorer.validated_precisions == (("fp32", "bf16") if check["passed"] else ("fp32",))
