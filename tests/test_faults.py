@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -213,6 +214,34 @@ def test_two_runs_of_one_job_started_at_once(ray_address, flowscore_home, tmp_pa
     assert run["status"] == "succeeded" and run["images_scored"] == 12
 
 
+def _pause_outside_sqlite_transactions(proc: Cli, home: Path) -> None:
+    """SIGSTOP ``proc`` at a moment it holds no lock on the SQLite files of ``home`` (the
+    catalog with the job lock, MLflow's store). A process frozen *inside* a transaction
+    blocks every other writer of an SQLite file until it resumes (a PostgreSQL catalog
+    likewise holds its row locks): no lease can help there, and it is not the case under
+    test. Seen once under a parallel ``make test``: B failed on "database is locked"."""
+    dbs = sorted(home.glob("*.db"))
+    for _ in range(200):
+        os.kill(proc.pid, signal.SIGSTOP)
+        busy = None
+        for db in dbs:
+            con = sqlite3.connect(db, timeout=0.2)
+            try:
+                con.execute("BEGIN EXCLUSIVE")  # needs every other connection idle
+                con.rollback()
+            except sqlite3.OperationalError:
+                busy = db
+            finally:
+                con.close()
+            if busy:
+                break
+        if busy is None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # let it finish that transaction, then again
+        time.sleep(0.05)
+    pytest.fail(f"{proc.name} was inside a transaction on {busy} at 200 tries")
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(420)
 def test_a_run_paused_past_its_lease_commits_nothing_more(
@@ -230,7 +259,7 @@ def test_a_run_paused_past_its_lease_commits_nothing_more(
     # of the session's cluster that B joins
     a = cli(["run", str(job)], {**env, "RAY_ADDRESS": "local"}, "a")
     a.wait_for("commit 1/20", 240)
-    os.kill(a.pid, signal.SIGSTOP)
+    _pause_outside_sqlite_transactions(a, flowscore_home)
     try:
         time.sleep(5)  # past A's 3 s lease
         b = cli(["run", str(job), "--ray-address", ray_address], env, "b")
