@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .scorer import PRECISIONS, Scorer
+from .scorer import PRECISIONS, Scorer, summarize
 
 __all__ = [
     "GATES",
     "PrecisionGates",
     "PrecisionCheck",
+    "PrecisionTally",
     "check_precision",
     "has_bf16_units",
     "spearman",
@@ -88,35 +89,68 @@ def has_bf16_units(device: str | torch.device = "cpu") -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), for Spearman's correlation."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for v in np.unique(x):
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation of two equal-length vectors (None below 3 values, 1.0 when
-    both are constant, 0.0 when one is)."""
+    """Spearman's rank correlation (scipy's, ties averaged); None below 3 values, 1.0 when
+    both are constant, 0.0 when only one is (where scipy answers nan)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if len(a) < 3:
         return None
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    sa, sb = ra.std(), rb.std()
-    if sa == 0 or sb == 0:
-        return 1.0 if sa == sb else 0.0
-    return float(((ra - ra.mean()) * (rb - rb.mean())).mean() / (sa * sb))
+    flat_a, flat_b = bool(np.all(a == a[0])), bool(np.all(b == b[0]))
+    if flat_a or flat_b:
+        return 1.0 if flat_a and flat_b else 0.0
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
 
 
-def _quality(grid: torch.Tensor) -> np.ndarray:
-    q = torch.quantile(
-        grid.flatten(1).double(), torch.tensor([0.25, 0.5], dtype=torch.float64), dim=1
-    )
-    return ((q[0] + q[1]) / 2).numpy()
+class PrecisionTally:
+    """Grids of the same images in fp32 and in a lower precision, batch by batch; then
+    :meth:`check` against the gates (used by :func:`check_precision` and ``evaluate``)."""
+
+    def __init__(self) -> None:
+        self.diffs: list[np.ndarray] = []
+        self.quality: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        self.mismatched = 0
+        self.images = 0
+
+    def add(self, full: torch.Tensor, low: torch.Tensor) -> None:
+        """(N, gh, gw) window log-likelihoods of N images in fp32 and the lower precision."""
+        a, b = full.double().cpu(), low.double().cpu()
+        fa, fb = torch.isfinite(a), torch.isfinite(b)
+        self.mismatched += int((fa != fb).sum())
+        self.diffs.append((a - b).abs()[fa & fb].numpy())
+        lowest = torch.finfo(torch.float64).min  # an impossible window: the lowest quality
+        for side, g, fin in ((0, a, fa), (1, b, fb)):
+            q = summarize(torch.where(fin, g, lowest))["quality"]
+            self.quality[side].append(q.double().numpy())
+        self.images += a.shape[0]
+
+    def check(self, precision: str, gates: PrecisionGates = GATES) -> PrecisionCheck:
+        if self.images == 0:
+            raise ValueError("a precision check needs at least one image")
+        d = np.concatenate(self.diffs)
+        med = float(np.median(d)) if d.size else math.inf
+        p99 = float(np.quantile(d, 0.99)) if d.size else math.inf
+        rho = spearman(np.concatenate(self.quality[0]), np.concatenate(self.quality[1]))
+        why = ""
+        if self.mismatched:
+            why = f"{self.mismatched} window(s) finite in one precision only"
+        elif med > gates.median_abs_dll:
+            why = f"median |ΔLL| {med:.3f} > {gates.median_abs_dll}"
+        elif p99 > gates.p99_abs_dll:
+            why = f"p99 |ΔLL| {p99:.3f} > {gates.p99_abs_dll}"
+        elif rho is not None and rho < gates.quality_spearman:
+            why = f"quality Spearman {rho:.4f} < {gates.quality_spearman}"
+        return PrecisionCheck(
+            precision=precision,
+            images=self.images,
+            windows=int(d.size + self.mismatched),
+            median_abs_dll=round(med, 5),
+            p99_abs_dll=round(p99, 5),
+            quality_spearman=None if rho is None else round(rho, 6),
+            passed=not why,
+            why=why,
+        )
 
 
 @torch.no_grad()
@@ -134,26 +168,14 @@ def check_precision(
     if precision not in PRECISIONS or precision == "fp32":
         raise ValueError(f"check_precision compares a lower precision with fp32, not {precision!r}")
     keep = scorer.precision
-    diffs: list[np.ndarray] = []
-    qa: list[np.ndarray] = []
-    qb: list[np.ndarray] = []
-    mismatched = 0
-    n_images = 0
+    tally = PrecisionTally()
 
     def run(group: list[np.ndarray]) -> None:
-        nonlocal mismatched, n_images
         x = np.stack(group)
         scorer.set_precision("fp32")
-        a = scorer.log_likelihood_grid(x).double().cpu()
+        a = scorer.log_likelihood_grid(x)
         scorer.set_precision(precision)
-        b = scorer.log_likelihood_grid(x).double().cpu()
-        fa, fb = torch.isfinite(a), torch.isfinite(b)
-        mismatched += int((fa != fb).sum())
-        both = fa & fb
-        diffs.append((a - b).abs()[both].numpy())
-        qa.append(_quality(torch.where(fa, a, torch.finfo(torch.float64).min)))
-        qb.append(_quality(torch.where(fb, b, torch.finfo(torch.float64).min)))
-        n_images += len(group)
+        tally.add(a, scorer.log_likelihood_grid(x))
 
     try:
         pending: list[np.ndarray] = []
@@ -166,28 +188,4 @@ def check_precision(
             run(pending)
     finally:
         scorer.set_precision(keep)
-    if n_images == 0:
-        raise ValueError("check_precision needs at least one image")
-    d = np.concatenate(diffs) if diffs else np.zeros(0)
-    med = float(np.median(d)) if d.size else math.inf
-    p99 = float(np.quantile(d, 0.99)) if d.size else math.inf
-    rho = spearman(np.concatenate(qa), np.concatenate(qb))
-    why = ""
-    if mismatched:
-        why = f"{mismatched} window(s) finite in one precision only"
-    elif med > gates.median_abs_dll:
-        why = f"median |ΔLL| {med:.3f} > {gates.median_abs_dll}"
-    elif p99 > gates.p99_abs_dll:
-        why = f"p99 |ΔLL| {p99:.3f} > {gates.p99_abs_dll}"
-    elif rho is not None and rho < gates.quality_spearman:
-        why = f"quality Spearman {rho:.4f} < {gates.quality_spearman}"
-    return PrecisionCheck(
-        precision=precision,
-        images=n_images,
-        windows=int(d.size + mismatched),
-        median_abs_dll=round(med, 5),
-        p99_abs_dll=round(p99, 5),
-        quality_spearman=None if rho is None else round(rho, 6),
-        passed=not why,
-        why=why,
-    )
+    return tally.check(precision, gates)

@@ -15,6 +15,7 @@ MLflow run tagged with the model version (whose tags get the headline figures).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -124,25 +125,10 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def _precision_comparison(
-    full: Any,
-    low: Any,
-    diffs: list[np.ndarray],
-    qualities: tuple[list[np.ndarray], list[np.ndarray]],
-) -> dict[str, Any]:
+def _precision_comparison(full: Any, low: Any, tally: Any) -> dict[str, Any]:
     """fp32 and bf16 side by side: the flow's image and pixel AUROC in each, and the
     accuracy gates of flowcore.precision on the evaluated images."""
-    from flowcore.precision import GATES, spearman
-
-    d = np.concatenate(diffs) if diffs else np.zeros(0)
-    med = float(np.median(d)) if d.size else float("nan")
-    p99 = float(np.quantile(d, 0.99)) if d.size else float("nan")
-    rho = spearman(np.concatenate(qualities[0]), np.concatenate(qualities[1]))
-    passes = (
-        med <= GATES.median_abs_dll
-        and p99 <= GATES.p99_abs_dll
-        and (rho is None or rho >= GATES.quality_spearman)
-    )
+    check = tally.check("bf16")
     return {
         name: {
             "image_auroc": r.methods["flow"].image_auroc,
@@ -150,10 +136,11 @@ def _precision_comparison(
         }
         for name, r in (("fp32", full), ("bf16", low))
     } | {
-        "median_abs_dll": round(med, 5),
-        "p99_abs_dll": round(p99, 5),
-        "quality_spearman": None if rho is None else round(rho, 6),
-        "passes_gates": bool(passes),
+        # inf (no window finite in both) is not JSON: null
+        "median_abs_dll": check.median_abs_dll if math.isfinite(check.median_abs_dll) else None,
+        "p99_abs_dll": check.p99_abs_dll if math.isfinite(check.p99_abs_dll) else None,
+        "quality_spearman": check.quality_spearman,
+        "passes_gates": check.passed,
     }
 
 
@@ -161,6 +148,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     import torch
 
     from flowcore.bundle import BundleError, load_bundle
+    from flowcore.precision import PrecisionTally
     from flowcore.scorer import resolve_precision
     from jobs.render import save_roc_curves
     from pipelines import tracking
@@ -221,8 +209,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     low = Evaluator(
         {}, scorer.geometry, image_score=scorer.image_score, calibration=scorer.calibration
     )
-    diffs: list[np.ndarray] = []
-    qualities: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    tally = PrecisionTally()
     by = scorer.calibration.by if scorer.calibration else None
     flow_scores: list[float] = []
     columns: list[dict[str, str]] = []
@@ -257,11 +244,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
                     feats16, grid16 = scorer.features_and_grid(imgs)
             finally:
                 scorer.set_precision("fp32")
-            g32, g16 = grid.double().cpu(), grid16.double().cpu()
-            fin = torch.isfinite(g32) & torch.isfinite(g16)
-            diffs.append((g32 - g16).abs()[fin].numpy())
-            qualities[0].append(scorer.summarize(grid)["quality"].double().cpu().numpy())
-            qualities[1].append(scorer.summarize(grid16)["quality"].double().cpu().numpy())
+            tally.add(grid, grid16)
             add(low, feats16, grid16)
         columns.extend(e.columns for e, _ in pending)
         used_entries.extend(e for e, _ in pending)
@@ -312,9 +295,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> dict[str, Any]:
     report["skipped"] = skipped
     report["precision"] = precision
     if both:
-        report["precision_comparison"] = _precision_comparison(
-            result, low.result(), diffs, qualities
-        )
+        report["precision_comparison"] = _precision_comparison(result, low.result(), tally)
 
     out_dir = (
         Path(req.out_dir)
