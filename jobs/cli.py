@@ -238,6 +238,37 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
 
 
+# ---------------------------------------------------------------- maintain
+
+
+def _duration(text: str) -> float:
+    """An argparse type: a duration such as 30d, 12h, 90m, 45s or 2w, in seconds."""
+    from pipelines.maintenance import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def cmd_maintain(args: argparse.Namespace) -> int:
+    from jobs.maintain import MaintainUsageError, run_maintain
+    from jobs.train import stderr_log
+    from pipelines.maintenance import MaintainPolicy
+
+    policy = MaintainPolicy(
+        target_file_bytes=int(args.target_file_mb * 2**20),
+        retain_s=args.retain,
+        keep_last=args.keep_last,
+        orphan_age_s=args.orphan_age,
+        dry_run=args.dry_run,
+    )
+    try:
+        return run_maintain(args.table or [], policy, stderr_log(args.quiet))
+    except MaintainUsageError as e:
+        raise UsageError(str(e)) from e
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -288,6 +319,19 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (0 < v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 _non_negative_int = _int_at_least(0)
 
 
@@ -667,6 +711,61 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
+
+    mt = sub.add_parser(
+        "maintain",
+        help="compact small files, expire old snapshots, remove orphan files of the tables",
+        description="Keep the result tables fast after years of nightly commits. For each "
+        "table: small data files of a partition are rewritten into files of about "
+        "--target-file-mb; snapshots older than --retain are expired, always keeping the "
+        "newest --keep-last; and files that no snapshot needs and that are older than "
+        "--orphan-age are deleted. Compaction and expiry are one atomic commit per table; "
+        "rows and query results are unchanged; a kill at any point loses nothing (a rerun "
+        "finishes the work). One maintenance run at a time (a lock in the catalog database). "
+        'flowscore run does this itself when the job spec says [maintain] every = "7d".',
+    )
+    mt.add_argument(
+        "--table",
+        action="append",
+        metavar="T",
+        help="image_scores, scoring_errors or runs; repeat for several (default: all three)",
+    )
+    mt.add_argument(
+        "--target-file-mb",
+        type=_positive_float,
+        default=128.0,
+        metavar="MB",
+        help="size of a compacted file; files under 3/4 of it are compacted (default: %(default)g)",
+    )
+    mt.add_argument(
+        "--retain",
+        type=_duration,
+        default=30 * 86400.0,
+        metavar="DURATION",
+        help="expire snapshots older than this, e.g. 30d, 12h (default: 30d); time travel "
+        "reaches back this far",
+    )
+    mt.add_argument(
+        "--keep-last",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="always keep the newest N snapshots (default: %(default)s)",
+    )
+    mt.add_argument(
+        "--orphan-age",
+        type=_duration,
+        default=3 * 86400.0,
+        metavar="DURATION",
+        help="delete unreferenced files only once older than this (default: 3d; a writer "
+        "that is mid-commit has files no snapshot names yet, so keep it well above the "
+        "longest commit)",
+    )
+    mt.add_argument(
+        "--dry-run", action="store_true", help="print what would change, change nothing"
+    )
+    mt.add_argument("--quiet", action="store_true", help="no progress lines")
+    mt.set_defaults(func=cmd_maintain)
 
     rp = sub.add_parser(
         "report",

@@ -24,6 +24,13 @@ its job for at most that long.
    lock another run took over stops there, commits nothing more and exits 4. The run that
    takes over a dead run's lock marks that run's ``runs`` row ``failed``.
 
+6. **Maintained** when the spec asks: with ``[maintain] every = "7d"`` a run whose scoring
+   is done compacts, expires and sweeps the tables (``flowscore maintain``, under its own
+   lock; skipped when another maintenance run holds it) once ``image_scores`` was last
+   maintained longer ago than that. Optional keys: ``retain``, ``keep_last``,
+   ``orphan_age``, ``target_file_mb``. A maintenance failure is a warning on stderr: the
+   scores are committed and the next run tries again.
+
 Exit codes: 0 success; 2 bad spec or unreachable parts; 3 the run finished but its error
 rate passed ``max_error_rate``; 4 the run lost its lock to another run and stopped; 1
 anything else.
@@ -32,11 +39,12 @@ anything else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipelines.log import Log
+from pipelines.maintenance import MaintainPolicy
 
 __all__ = ["JobSpec", "JobUsageError", "load_job", "run_job"]
 
@@ -58,6 +66,8 @@ class JobSpec:
     commit_every: int = 5000
     max_error_rate: float = 0.05
     precision: str = "fp32"
+    maintain_every_s: float | None = None
+    maintain: MaintainPolicy = field(default_factory=MaintainPolicy)
 
 
 _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -70,7 +80,47 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_error_rate": (float, int),
         "precision": (str,),
     },
+    "maintain": {
+        "every": (str,),
+        "retain": (str,),
+        "keep_last": (int,),
+        "orphan_age": (str,),
+        "target_file_mb": (float, int),
+    },
 }
+
+
+def _maintain_fields(p: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``[maintain]`` keys as JobSpec fields, each checked (durations like ``7d``)."""
+    from pipelines.maintenance import parse_duration
+
+    if not raw:
+        return {}
+    if "every" not in raw:
+        raise JobUsageError(f'{p}: [maintain] needs every = "7d" (how often to maintain)')
+    seconds: dict[str, float] = {}
+    for key in ("every", "retain", "orphan_age"):
+        if key in raw:
+            try:
+                seconds[key] = parse_duration(raw[key])
+            except ValueError as e:
+                raise JobUsageError(f"{p}: maintain.{key}: {e}") from e
+    policy: dict[str, Any] = {}
+    if "retain" in seconds:
+        policy["retain_s"] = seconds["retain"]
+    if "orphan_age" in seconds:
+        policy["orphan_age_s"] = seconds["orphan_age"]
+    if "keep_last" in raw:
+        policy["keep_last"] = raw["keep_last"]
+    if "target_file_mb" in raw:
+        mb = float(raw["target_file_mb"])
+        if not 0 < mb < float("inf"):
+            raise JobUsageError(f"{p}: maintain.target_file_mb must be > 0, got {mb!r}")
+        policy["target_file_bytes"] = max(1, int(mb * 2**20))
+    try:
+        return {"maintain_every_s": seconds["every"], "maintain": MaintainPolicy(**policy)}
+    except ValueError as e:
+        raise JobUsageError(f"{p}: [maintain]: {e}") from e
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -83,9 +133,12 @@ def load_job(path: str | Path) -> JobSpec:
     except TomlFileError as e:
         raise JobUsageError(str(e)) from e
     values: dict[str, Any] = {}
+    maintain: dict[str, Any] = {}
     for section, content in data.items():
         if section not in _SECTIONS:
-            raise JobUsageError(f"{p}: unknown section [{section}] (known: [job], [score])")
+            raise JobUsageError(
+                f"{p}: unknown section [{section}] (known: [job], [score], [maintain])"
+            )
         if not isinstance(content, dict):
             raise JobUsageError(f"{p}: {section!r} must be a table, e.g. [{section}]")
         for key, value in content.items():
@@ -96,11 +149,11 @@ def load_job(path: str | Path) -> JobSpec:
             if isinstance(value, bool) and bool not in types or not isinstance(value, types):
                 want = " or ".join(t.__name__ for t in types)
                 raise JobUsageError(f"{p}: {section}.{key} must be {want}, got {value!r}")
-            values[key] = value
+            (maintain if section == "maintain" else values)[key] = value
     for key in ("name", "archive", "model"):
         if not values.get(key):
             raise JobUsageError(f"{p}: missing job.{key}")
-    spec = JobSpec(**values)
+    spec = JobSpec(**values, **_maintain_fields(p, maintain))
     if spec.actors < 1 or spec.commit_every < 1:
         raise JobUsageError(f"{p}: score.actors and score.commit_every must be >= 1")
     if not 0 <= spec.max_error_rate <= 1:
@@ -123,6 +176,34 @@ def lock_lease_s() -> float:
         return env_number(LEASE_ENV, 120.0, minimum=0, above=True)
     except SettingError as e:
         raise JobUsageError(str(e)) from e
+
+
+def _maybe_maintain(spec: JobSpec, log: Log) -> None:
+    """``[maintain]``: maintain the tables when due, under the maintenance lock (skipped if
+    another maintenance run holds it); a failure is a warning, the scores stay committed."""
+    from jobs.maintain import MAINTAIN_LOCK, is_due, maintain_tables
+    from pipelines import tables
+    from pipelines.errors import one_line
+    from pipelines.lock import JobLock, LockHeld
+
+    assert spec.maintain_every_s is not None
+    try:
+        if not is_due(spec.maintain_every_s):
+            return
+        lock = JobLock(tables.catalog_config()["uri"], MAINTAIN_LOCK, lease_s=lock_lease_s())
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            log(f"maintenance skipped: {e}")
+            return
+        try:
+            with lock.fencing(tables.TABLES):
+                for report in maintain_tables(tables.TABLES, spec.maintain, log, check=lock.check):
+                    log(report.line())
+        finally:
+            lock.release()
+    except Exception as e:  # the scores are committed; maintenance is tried again next run
+        log(f"warning: maintenance failed, the next run tries again: {one_line(e)}")
 
 
 def run_job(
@@ -217,6 +298,8 @@ def run_job(
                 ),
                 log,
             )
+        if spec.maintain_every_s is not None:
+            _maybe_maintain(spec, log)
     except LockLost as e:
         log(str(e))
         return EXIT_LOCK_LOST

@@ -69,6 +69,28 @@ def test_second_run_scores_nothing_and_a_replaced_file_is_rescored(
 
 
 @pytest.mark.ray
+def test_a_job_with_a_maintain_section_compacts_when_due(
+    ray_session, home, tmp_path, model, capsys
+):
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="factory", images=8, seed=2, height=64, width=96)
+    job = write_job(tmp_path, archive, str(model), '[maintain]\nevery = "1d"\n', commit_every=2)
+    assert main(["run", str(job)]) == 0
+    err = capsys.readouterr().err
+    check_exactly_once(archive)
+    tbl = tables.load_table(tables.load_catalog_(), tables.IMAGE_SCORES)
+    # four commits of two images each, compacted into one file once the scores were in
+    assert "image_scores: 8 rows; data files 4 -> 1 (1 groups compacted)" in err
+    assert len(list(tbl.scan().plan_files())) == 1
+    stamp = tbl.properties["flowscore.maintained-at"]
+    assert main(["run", str(job)]) == 0  # maintained less than a day ago: not due
+    assert "maintaining" not in capsys.readouterr().err
+    tbl = tables.load_table(tables.load_catalog_(), tables.IMAGE_SCORES)
+    assert tbl.properties["flowscore.maintained-at"] == stamp
+    check_exactly_once(archive)
+
+
+@pytest.mark.ray
 def test_error_rate_above_the_limit_exits_3(ray_session, home, tmp_path, model):
     archive = tmp_path / "archive"
     write_archive(archive, kind="harvest", images=3, seed=2, height=64, width=96)

@@ -1,0 +1,111 @@
+"""``flowscore maintain``: compaction, snapshot expiry and orphan removal of the result tables
+(:mod:`pipelines.maintenance`), under a lock of its own, one commit per table. Also run by
+``flowscore run`` when the job spec says ``[maintain] every = "7d"``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from pipelines.log import Log
+from pipelines.maintenance import MaintainPolicy, TableReport
+
+__all__ = ["MAINTAIN_LOCK", "MaintainUsageError", "run_maintain", "maintain_tables", "is_due"]
+
+MAINTAIN_LOCK = "flowscore-maintain"
+"""The lock's name: one maintenance run at a time over the catalog's tables."""
+
+
+class MaintainUsageError(ValueError):
+    """A bad table name, policy or catalog: exit code 2."""
+
+
+def _check_tables(names: Sequence[str]) -> list[str]:
+    from pipelines import tables
+
+    unknown = [n for n in names if n not in tables.TABLES]
+    if unknown:
+        raise MaintainUsageError(
+            f"unknown table {unknown[0]!r} (the tables are {', '.join(tables.TABLES)})"
+        )
+    return list(dict.fromkeys(names)) or list(tables.TABLES)
+
+
+FAULT_ENV = "FLOWSCORE_FAULT_MAINTAIN"
+
+
+def _fault_hook() -> Callable[[str], None]:
+    """Test hook: ``FLOWSCORE_FAULT_MAINTAIN=POINT`` kills this process (SIGKILL, as a crash
+    or an OOM kill would) at that point of the first table maintained there."""
+    import os
+    import signal
+
+    wanted = os.environ.get(FAULT_ENV, "")
+
+    def hook(point: str) -> None:
+        if point == wanted:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def maintain_tables(
+    names: Sequence[str], policy: MaintainPolicy, log: Log, *, check: Callable[[], None]
+) -> list[TableReport]:
+    """Maintain each table in turn with the lock already held (``check`` is its check)."""
+    from pipelines import tables
+    from pipelines.maintenance import maintain_table
+
+    catalog = tables.load_catalog_()
+    hook = _fault_hook()
+    reports = []
+    for name in _check_tables(names):
+        log(f"maintaining {name} ...")
+        reports.append(maintain_table(catalog, name, policy, log, check=check, hook=hook))
+    return reports
+
+
+def is_due(every_s: float) -> bool:
+    """Whether ``image_scores`` was last maintained more than ``every_s`` ago (or never)."""
+    from pipelines import tables
+    from pipelines.maintenance import last_maintained
+
+    tbl = tables.load_table(tables.load_catalog_(), tables.IMAGE_SCORES)
+    if tbl is None:
+        return False
+    when = last_maintained(tbl)
+    return when is None or (datetime.now(UTC) - when).total_seconds() >= every_s
+
+
+def run_maintain(
+    names: Sequence[str], policy: MaintainPolicy, log: Log, out: Callable[[str], None] = print
+) -> int:
+    """The command: take the maintenance lock, maintain the tables, print one line each."""
+    from jobs.nightly import JobUsageError, lock_lease_s
+    from pipelines import tables
+    from pipelines.lock import JobLock, LockHeld, LockLost
+
+    names = _check_tables(names)
+    try:
+        lease = lock_lease_s()
+        tables.load_catalog_()
+    except (JobUsageError, tables.TablesError) as e:
+        raise MaintainUsageError(str(e)) from e
+    lock = JobLock(tables.catalog_config()["uri"], MAINTAIN_LOCK, lease_s=lease)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        raise MaintainUsageError(str(e)) from e
+    if lock.took_over is not None:
+        log(f"took over the maintenance lock of {lock.took_over.holder} (its lease expired)")
+    try:
+        with lock.fencing(names):
+            reports = maintain_tables(names, policy, log, check=lock.check)
+    except LockLost as e:
+        log(str(e))
+        return 4
+    finally:
+        lock.release()
+    for r in reports:
+        out(r.line())
+    return 0
