@@ -217,6 +217,7 @@ def run_job(
     from jobs.score import ScoreRequest, ScoreUsageError, check_bundle, model_identity, run_score
     from pipelines import tables, tracking
     from pipelines.archive import ArchiveError, list_archive, open_archive
+    from pipelines.incremental import pending
     from pipelines.lock import JobLock, LockHeld, LockLost
 
     spec = load_job(path)
@@ -262,11 +263,7 @@ def run_job(
             listed = list(list_archive(spec.archive))
         except ArchiveError as e:
             raise JobUsageError(f"{path}: job.archive: {e}") from e
-        uris = {e.image_uri for e in listed}
-        done = tables.existing_keys(catalog, version, uris) | tables.error_keys(
-            catalog, uris, model_version=version, permanent=True
-        )
-        todo = [entry for entry in listed if (entry.image_uri, entry.etag) not in done]
+        todo = pending(catalog, version, listed)
         log(
             f"archive: {len(listed)} images; {len(listed) - len(todo)} already in the tables "
             f"for version {version}; {len(todo)} to score"
@@ -289,8 +286,8 @@ def run_job(
                     commit_every=spec.commit_every,
                     job=spec.name,
                     ray_address=ray_address,
-                    skip=frozenset(done),
                     listed=tuple(listed),
+                    todo=tuple(todo),
                     resolved=resolved,  # pinned and checked above: not asked for or loaded again
                     validated_precisions=validated,
                     fence=lock.check,

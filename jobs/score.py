@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,8 +63,6 @@ class ScoreRequest:
     batch_size: int = 16
     ray_address: str | None = None
     only: Only = ()
-    # (image_uri, etag) pairs not to score (the nightly job's incremental subtraction)
-    skip: frozenset[tuple[str, str]] = field(default_factory=frozenset)
     # ``model`` already resolved *and checked* (check_bundle) by the caller (a
     # pipelines.tracking.ResolvedModel): used as is, so the registry is not asked again and
     # the bundle not loaded twice (the nightly job pins and checks its version at start)
@@ -74,6 +72,9 @@ class ScoreRequest:
     # the archive's listing, when the caller has it already (the nightly job lists it to
     # subtract what is done): used as is, so a large archive is not listed twice
     listed: tuple[Any, ...] | None = None
+    # with ``listed``: the entries of it still to score, in its order, when the caller has
+    # subtracted what is done (the nightly job, pipelines.incremental.pending); None: all
+    todo: tuple[Any, ...] | None = None
     # the featurizer's arithmetic: fp32, bf16 or auto (flowcore.scorer.resolve_precision)
     precision: str = "fp32"
     # called right before each commit; raises to stop the run (the nightly job's lock
@@ -190,7 +191,11 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     except ArchiveError as e:
         raise ScoreUsageError(str(e)) from e
     listed = apply_only(listed, req.only)
-    todo = [e for e in listed if (e.image_uri, e.etag) not in req.skip]
+    if req.todo is not None and req.listed is None:
+        raise ValueError("ScoreRequest.todo needs the listing it came from (listed)")
+    todo = (
+        listed if req.todo is None else apply_only(sorted(req.todo, key=lambda e: e.path), req.only)
+    )
     skipped = len(listed) - len(todo)
     path_columns = sorted({k for e in listed for k in e.columns})
     log(

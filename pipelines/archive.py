@@ -44,7 +44,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -170,9 +170,11 @@ class DecodeError(Exception):
         return (type(self), (self.stage, self.error_type, self.message))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ArchiveEntry:
-    """One image of an archive, as listed (nothing read yet).
+    """One image of an archive, as listed (nothing read yet). Slotted, and the files of one
+    folder share one ``columns`` dict (do not mutate it): a listing of a million files is
+    about 0.4 GB of these, not 0.9 (``flowscore bench --tables``).
 
     Attributes:
         image_uri: canonical absolute URI (``s3://bucket/key`` or ``file:///abs/path``).
@@ -361,6 +363,21 @@ def is_image_path(path: str) -> bool:
     return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
 
 
+def shared_columns() -> Callable[[str], dict[str, str]]:
+    """:func:`parse_columns` with one dict per directory, shared by the files in it (a
+    listing of millions of files then holds one small dict per folder, not one per file)."""
+    cache: dict[str, dict[str, str]] = {}
+
+    def columns(path: str) -> dict[str, str]:
+        folder = path.rpartition("/")[0]
+        got = cache.get(folder)
+        if got is None:
+            got = cache[folder] = parse_columns(path)
+        return got
+
+    return columns
+
+
 def parse_columns(path: str) -> dict[str, str]:
     """The ``key=value`` directory segments of a relative path (the file name is ignored),
     keys lower-cased."""
@@ -462,6 +479,7 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
     """
     fs, root = open_archive(uri)
     scheme, _ = _split_uri(uri)
+    columns = shared_columns()
     if scheme == "file":
         local = sorted(_walk_local(root, follow_outside=follow_links_outside()))
         for rel, size, mtime_ns in local:
@@ -471,7 +489,7 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
                 size=size,
                 mtime=_from_epoch_ns(mtime_ns),
                 path=rel,
-                columns=parse_columns(rel),
+                columns=columns(rel),
             )
         return
 
@@ -501,7 +519,7 @@ def list_archive(uri: str) -> Iterator[ArchiveEntry]:
             size=size,
             mtime=mtime,
             path=rel,
-            columns=parse_columns(rel),
+            columns=columns(rel),
         )
 
 

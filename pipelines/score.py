@@ -459,9 +459,6 @@ def _commit(
 ) -> tuple[int, int]:
     """The chunk's ``scoring_errors`` commit (its new error rows; the error rows of every key
     it settled removed), then one UPSERT of its scored rows; (scored, failed)."""
-    import ray.data
-    from ray.data import SaveMode
-
     from .tables import settle_errors
 
     scores = _select(rows, scores_schema, errors=False, run_id=cfg.run_id)
@@ -476,12 +473,22 @@ def _commit(
         "commit scoring_errors to",
         str(catalog_kwargs.get("warehouse", "")),
     )
-    if scores.num_rows:
-        files = [scores.slice(k, FILE_IMAGES) for k in range(0, scores.num_rows, FILE_IMAGES)]
-        ray.data.from_arrow(files).write_iceberg(
-            "flowscore.image_scores",
-            catalog_kwargs=catalog_kwargs,
-            mode=SaveMode.UPSERT,
-            upsert_kwargs={"join_cols": _KEY_SCORES},
-        )
+    upsert_scores(scores, catalog_kwargs)
     return scores.num_rows, errors.num_rows
+
+
+def upsert_scores(scores: pa.Table, catalog_kwargs: dict[str, Any]) -> None:
+    """One atomic UPSERT of ``image_scores`` rows on their key, through Ray Data's
+    ``write_iceberg`` (files of at most ``FILE_IMAGES`` rows)."""
+    import ray.data
+    from ray.data import SaveMode
+
+    if not scores.num_rows:
+        return
+    files = [scores.slice(k, FILE_IMAGES) for k in range(0, scores.num_rows, FILE_IMAGES)]
+    ray.data.from_arrow(files).write_iceberg(
+        "flowscore.image_scores",
+        catalog_kwargs=catalog_kwargs,
+        mode=SaveMode.UPSERT,
+        upsert_kwargs={"join_cols": _KEY_SCORES},
+    )

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
@@ -746,6 +746,34 @@ def existing_keys(
     (EqualTo,) = _expressions("EqualTo")
 
     return _keys(catalog, IMAGE_SCORES, EqualTo("model_version", model_version), uris)
+
+
+def done_key_batches(catalog: Catalog, model_version: str) -> Iterator[pa.RecordBatch]:
+    """``(image_uri, etag)`` batches of everything done under ``model_version``, streamed
+    file by file (never the whole key set in memory): the rows of ``image_scores`` of that
+    version, then its permanent ``scoring_errors`` (not ``retryable``; rows of an older
+    flowscore without a version are not done under any)."""
+    from pyiceberg.io.pyarrow import ArrowScan
+
+    And, EqualTo, NotEqualTo = _expressions("And", "EqualTo", "NotEqualTo")
+
+    for table, row_filter in (
+        (IMAGE_SCORES, EqualTo("model_version", model_version)),
+        (
+            SCORING_ERRORS,
+            And(EqualTo("model_version", model_version), NotEqualTo("retryable", True)),
+        ),
+    ):
+        tbl = load_table(catalog, table)
+        if tbl is None or tbl.current_snapshot() is None:
+            continue
+        scan = tbl.scan(row_filter=row_filter, selected_fields=("image_uri", "etag"))
+        # one data file at a time: pyiceberg's batch reader reads files concurrently and
+        # buffers them (about 300 MB at a million rows, measured), this keeps one file's keys
+        reader = ArrowScan(tbl.metadata, tbl.io, scan.projection(), row_filter)
+        for task in scan.plan_files():
+            yield from reader.to_table([task]).to_batches()
+            pa.default_memory_pool().release_unused()  # else the allocator keeps each file's
 
 
 def error_keys(

@@ -688,3 +688,66 @@ def test_flowscore_numbers_are_checked(monkeypatch, value):
             m.setenv(name, value)
             with pytest.raises(error, match=name):
                 read()
+
+
+def test_pending_subtracts_what_is_done_under_the_version(home):
+    """The nightly job's subtraction (digests of the done keys): scored under this version
+    and permanent errors under it are done; a read error, another version's rows, a
+    replaced file (new etag) and a new file are not."""
+    from pipelines.archive import ArchiveEntry
+    from pipelines.incremental import done_digests, key_digest, pending
+
+    cat = T.load_catalog_()
+    T.ensure_tables(cat, ["year"])
+    T.upsert(cat, T.IMAGE_SCORES, score_rows(4, version="7"), KEY)  # 0..3 done under 7
+    T.upsert(cat, T.IMAGE_SCORES, score_rows(2, start=4, version="6"), KEY)  # 4, 5: v6 only
+
+    def error(i: int, version: str, retryable: bool | None) -> dict:
+        return {
+            "image_uri": f"file:///arch/{i:04d}.png",
+            "etag": f"e{i}",
+            "run_id": "r",
+            "stage": "read" if retryable else "decode",
+            "error_type": "OSError",
+            "message": "m",
+            "at": CAPTURED,
+            "model_version": version,
+            "retryable": retryable,
+        }
+
+    errs = [error(6, "7", False), error(7, "7", True), error(8, "6", False), error(9, "7", None)]
+    cat.load_table("flowscore.scoring_errors").append(
+        pa.Table.from_pylist(errs, schema=T.SCORING_ERRORS_SCHEMA)
+    )
+
+    def entry(i: int, etag: str | None = None) -> ArchiveEntry:
+        return ArchiveEntry(
+            image_uri=f"file:///arch/{i:04d}.png",
+            etag=etag or f"e{i}",
+            size=1,
+            mtime=None,
+            path=f"{i:04d}.png",
+        )
+
+    listed = [entry(i) for i in range(11)] + [entry(0, etag="replaced")]
+    todo = pending(cat, "7", listed)
+    # 6 (a decode error) is done; 7 (a read error), 8 (an error under version 6) and 9 (an
+    # older flowscore's row without the retryable flag: tried again) are not
+    assert [(e.path, e.etag) for e in todo] == [
+        ("0004.png", "e4"),
+        ("0005.png", "e5"),
+        ("0007.png", "e7"),
+        ("0008.png", "e8"),
+        ("0009.png", "e9"),
+        ("0010.png", "e10"),
+        ("0000.png", "replaced"),
+    ]
+    assert len(done_digests(cat, "7")) == 4 + 1
+    # the same answer as the key sets the nightly job subtracted before
+    uris = {e.image_uri for e in listed}
+    done = T.existing_keys(cat, "7", uris) | T.error_keys(
+        cat, uris, model_version="7", permanent=True
+    )
+    assert todo == [e for e in listed if (e.image_uri, e.etag) not in done]
+    assert key_digest("file:///arch/0000.png", "e0") != key_digest("file:///arch/0000.png", "e1")
+    assert pending(cat, "8", listed) == listed  # nothing done under a version never scored
