@@ -278,6 +278,36 @@ def save_trend(
     return _save(fig, path)
 
 
+def save_daily(
+    path: str | Path,
+    days: np.ndarray,
+    series: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    title: str,
+) -> Path:
+    """Two panels over ``days`` (``datetime64[D]``): the median quality per day and the
+    share of flagged images per day, one line per ``(label, images, flagged, median)``
+    (e.g. "all", then one per value of a path column)."""
+    fig = _figure(8.0, 6.0)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
+    d = np.asarray(days, dtype="datetime64[D]").astype("datetime64[us]")
+    for i, (label, images, flagged, median) in enumerate(series):
+        n = np.asarray(images, dtype=float)
+        share = np.where(n > 0, np.asarray(flagged, dtype=float) / np.maximum(n, 1), np.nan)
+        style = {"color": "black", "linewidth": 2.0} if i == 0 else {"linewidth": 1.2}
+        top.plot(d, np.asarray(median, dtype=float), marker=".", label=label, **style)
+        bottom.plot(d, 100 * share, marker=".", label=label, **style)
+    top.set_ylabel("median quality")
+    top.set_title(title)
+    bottom.set_ylabel("flagged images (%)")
+    bottom.set_xlabel("day scored (UTC)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        if series:
+            ax.legend(fontsize="small", loc="best")
+    fig.autofmt_xdate()
+    return _save(fig, path)
+
+
 def save_grouped_boxplots(
     path: str | Path,
     panels: Sequence[tuple[str, Sequence[tuple[str, np.ndarray]]]],

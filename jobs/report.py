@@ -1,4 +1,5 @@
-"""``flowscore report --out DIR [--run ID]``: one self-contained HTML page about a scoring run.
+"""``flowscore report --out DIR [--run ID | --job NAME --since 30d]``: one self-contained HTML
+page about a scoring run, or about every run of a job in a period.
 
 The page is ``DIR/index.html`` with its pictures in ``DIR/images-<build>/*.png`` (a new
 folder per build, swapped in with the page in one rename; earlier builds' folders are then
@@ -8,7 +9,11 @@ as it is. Everything comes from the tables through :func:`jobs.query.connect` (S
 current Iceberg snapshots); the originals are read again from their ``image_uri``.
 
 Scope: the rows of one run, ``image_scores.run_id = ID``, its ``scoring_errors`` rows and its
-``runs`` row. Without ``--run``, the most recent run in ``runs`` (by ``started_at``) that
+``runs`` row; or, with ``--job NAME --since 30d`` (or ``--from``/``--to``), the rows of every
+run of that job started in the period, with a table of those runs and a per-day section
+(median quality and share of flagged images per day scored, overall and per value of each
+small path column, ``daily.png``; and per path column, its values' counts over the period).
+Without ``--run``, the most recent run in ``runs`` (by ``started_at``) that
 still has rows in ``image_scores``. A rescore UPSERTs rows by (image_uri, etag,
 model_version), so an older run may have fewer rows left than it scored; the page says so.
 A run with no rows in ``image_scores`` but with error rows is reported (header and errors);
@@ -119,6 +124,10 @@ def _fmt_num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _fmt_day(value: dt.datetime) -> str:
+    return f"{value:%Y-%m-%d %H:%M}" if (value.hour or value.minute) else f"{value:%Y-%m-%d}"
+
+
 def _short_name(uri: str) -> str:
     """The file name of an image URI (flowscore's URIs are not percent-encoded)."""
     path = urlparse(uri).path or uri
@@ -130,13 +139,32 @@ def _natural_key(text: str) -> tuple[Any, ...]:
 
 
 @dataclass
-class _Run:
-    """The run the page is about."""
+class _Period:
+    """The runs of one job in a period (``--job NAME --since 30d``)."""
 
-    run_id: str
-    info: dict[str, Any] | None  # its ``runs`` row, None when it has none
-    rows: int  # rows it still has in image_scores
-    errors: int  # rows it has in scoring_errors
+    job: str
+    start: dt.datetime
+    end: dt.datetime
+    runs: list[dict[str, Any]]  # their ``runs`` rows, oldest first
+
+
+@dataclass
+class _Run:
+    """What the page is about: one run, or every run of a job in a period. The rows in
+    scope are the DuckDB views ``scope_scores`` and ``scope_errors`` (:func:`_set_scope`)."""
+
+    run_id: str  # the run; empty for a period
+    info: dict[str, Any] | None  # its ``runs`` row, None when it has none (or a period)
+    rows: int  # rows in scope in image_scores
+    errors: int  # rows in scope in scoring_errors
+    period: _Period | None = None
+
+    @property
+    def title(self) -> str:
+        if self.period is None:
+            return f"run {self.run_id}"
+        p = self.period
+        return f"job {p.job}, {_fmt_day(p.start)} to {_fmt_day(p.end)}"
 
 
 @dataclass
@@ -154,6 +182,7 @@ class _Page:
     clip: tuple[float, float] | None = None
     clip_source: str = ""
     has_heatmaps: bool = False
+    path_tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # period pages
     images: str = IMAGES_DIR  # this build's folder of PNGs, relative to the report directory
 
     def note(self, section: str, text: str) -> None:
@@ -194,6 +223,50 @@ def _run_info(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | N
     return dict(zip(names, row, strict=True)) if row else None
 
 
+def _set_scope(con: duckdb.DuckDBPyConnection, run_ids: Sequence[str]) -> tuple[int, int]:
+    """Views ``scope_scores`` / ``scope_errors``: the rows of these runs; their counts."""
+    con.execute("create or replace temp table _scope_runs (run_id varchar)")
+    if run_ids:
+        con.executemany("insert into _scope_runs values (?)", [[r] for r in run_ids])
+    for view, table in (("scope_scores", "image_scores"), ("scope_errors", "scoring_errors")):
+        con.execute(
+            f"create or replace temp view {view} as select * from {table} "
+            "where run_id in (select run_id from _scope_runs)"
+        )
+    (rows,) = con.execute("select count(*) from scope_scores").fetchone() or (0,)
+    (errors,) = con.execute("select count(*) from scope_errors").fetchone() or (0,)
+    return int(rows), int(errors)
+
+
+def _jobs_line(con: duckdb.DuckDBPyConnection) -> str:
+    rows = con.execute(
+        "select job, count(*), max(started_at) from runs where job is not null "
+        "group by job order by 3 desc nulls last limit 10"
+    ).fetchall()
+    if not rows:
+        return "the runs table names no job yet (flowscore run JOB.toml writes them)"
+    return "jobs: " + "; ".join(f"{j} ({n} runs, last {_fmt_ts(t)})" for j, n, t in rows)
+
+
+def _choose_period(
+    con: duckdb.DuckDBPyConnection, job: str, start: dt.datetime, end: dt.datetime
+) -> _Run:
+    res = con.execute(
+        "select * from runs where job = ? and started_at >= ? and started_at < ? "
+        "order by started_at, run_id",
+        [job, start, end],
+    )
+    runs = _dicts(res)
+    if not runs:
+        raise ReportUsageError(
+            f"job {job!r} has no runs between {_fmt_day(start)} and {_fmt_day(end)} (UTC); "
+            f"{_jobs_line(con)}"
+        )
+    rows, errors = _set_scope(con, [str(r["run_id"]) for r in runs])
+    period = _Period(job, start, end, runs)
+    return _Run(run_id="", info=None, rows=rows, errors=errors, period=period)
+
+
 def _choose_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> _Run:
     if run_id is not None:
         run_id = run_id.strip()
@@ -219,12 +292,7 @@ def _choose_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> _Run:
             )
         run_id = str(found[0])
     info = _run_info(con, run_id)
-    (rows,) = con.execute(
-        "select count(*) from image_scores where run_id = ?", [run_id]
-    ).fetchone() or (0,)
-    (errors,) = con.execute(
-        "select count(*) from scoring_errors where run_id = ?", [run_id]
-    ).fetchone() or (0,)
+    rows, errors = _set_scope(con, [run_id])
     if info is None and rows == 0 and errors == 0:
         raise ReportUsageError(f"unknown run id {run_id!r}; {_recent_runs(con)}")
     if rows == 0 and errors == 0:
@@ -232,7 +300,7 @@ def _choose_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> _Run:
             f"run {run_id!r} has no rows left in image_scores or scoring_errors (a later run "
             f"may have rescored its images); {_recent_runs(con)}"
         )
-    return _Run(run_id=run_id, info=info, rows=int(rows), errors=int(errors))
+    return _Run(run_id=run_id, info=info, rows=rows, errors=errors)
 
 
 # ---------------------------------------------------------------- data
@@ -280,15 +348,14 @@ def _numpy(table: pa.Table, name: str, dtype: Any = float) -> np.ndarray:
 
 
 def _heatmaps(
-    con: duckdb.DuckDBPyConnection, run_id: str, keys: Sequence[tuple[str, str]]
+    con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[str, str]]
 ) -> dict[tuple[str, str], list[float] | None]:
     if not keys:
         return {}
     uris = sorted({u for u, _ in keys})
     res = con.execute(
-        "select image_uri, etag, heatmap from image_scores "
-        "where run_id = ? and list_contains(?, image_uri)",
-        [run_id, uris],
+        "select image_uri, etag, heatmap from scope_scores where list_contains(?, image_uri)",
+        [uris],
     ).fetchall()
     want = set(keys)
     return {(u, e): h for u, e, h in res if (u, e) in want}
@@ -319,18 +386,17 @@ def _registry_clip(model_name: str, model_version: str, log: Log) -> tuple[float
         return None
 
 
-def _run_clip(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[float, float] | None:
-    """(0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the run's
-    images (a repeatable reservoir sample)."""
+def _run_clip(con: duckdb.DuckDBPyConnection) -> tuple[float, float] | None:
+    """(0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the images in
+    scope (a repeatable reservoir sample)."""
     row = con.execute(
         f"""
         select quantile_cont(v, [{CLIP_QUANTILES[0]}, {CLIP_QUANTILES[1]}]) from (
             select unnest(heatmap) as v from (
-                select heatmap from image_scores where run_id = ? and heatmap is not null
+                select heatmap from scope_scores where heatmap is not null
             ) using sample reservoir({CLIP_SAMPLE_IMAGES} rows) repeatable (7)
         ) where isfinite(v)
-        """,
-        [run_id],
+        """
     ).fetchone()
     if not row or not row[0] or row[0][0] is None:
         return None
@@ -418,18 +484,14 @@ def _image_picture(
 
 
 def _top_rows(
-    con: duckdb.DuckDBPyConnection, run_id: str, path_columns: Sequence[str], top: int
+    con: duckdb.DuckDBPyConnection, path_columns: Sequence[str], top: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     sel = _select(path_columns, heatmap=True)
-    base = f"select {sel} from image_scores where run_id = ? and isfinite(anomaly_score)"
-    worst = _dicts(
-        con.execute(f"{base} order by anomaly_score desc, image_uri limit ?", [run_id, top])
-    )
+    base = f"select {sel} from scope_scores where isfinite(anomaly_score)"
+    worst = _dicts(con.execute(f"{base} order by anomaly_score desc, image_uri limit ?", [top]))
     seen = {(r["image_uri"], r["etag"]) for r in worst}
     best = _dicts(
-        con.execute(
-            f"{base} order by anomaly_score asc, image_uri limit ?", [run_id, top + len(seen)]
-        )
+        con.execute(f"{base} order by anomaly_score asc, image_uri limit ?", [top + len(seen)])
     )
     best = [r for r in best if (r["image_uri"], r["etag"]) not in seen][:top]
     return worst, best
@@ -476,7 +538,7 @@ def _boxplots(
     uris = data.column("image_uri").to_pylist()
     etags = data.column("etag").to_pylist()
     keys = [(uris[i], etags[i]) for i, _ in picks]
-    maps = _heatmaps(con, page.run.run_id, keys)
+    maps = _heatmaps(con, keys)
     boxes = []
     for (i, b), key in zip(picks, keys, strict=True):
         hm = maps.get(key)
@@ -593,6 +655,94 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
     log(f"report: quality histogram, trend and {len(panels)} path-column box plots")
 
 
+DAILY_LINES = 6  # values of a path column drawn as their own lines in the per-day figure
+
+
+def _daily(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> None:
+    """Per scoring day: median quality and the share of flagged images, overall and for each
+    value of the path columns with at most :data:`DAILY_LINES` values; plus a table of each
+    path column's values over the whole period."""
+    from jobs.render import save_daily
+
+    def per_day(where: str = "true", params: Sequence[Any] = ()) -> dict[Any, tuple]:
+        res = con.execute(
+            f"""
+            select cast(scored_at as date) as day, count(*) as n,
+                   count(*) filter (where is_anomaly) as flagged, median(quality) as q
+            from scope_scores where {where} and scored_at is not null group by 1 order by 1
+            """,
+            list(params),
+        ).fetchall()
+        return {d: (n, f, q) for d, n, f, q in res}
+
+    overall = per_day()
+    if not overall:
+        page.note("daily", "no scored_at in these rows: no per-day figure.")
+        return
+    days = sorted(overall)
+    series = []
+
+    def line(label: str, got: dict[Any, tuple]) -> None:
+        rows = [got.get(d, (0, 0, None)) for d in days]
+        series.append(
+            (
+                label,
+                np.array([r[0] for r in rows], float),
+                np.array([r[1] for r in rows], float),
+                np.array([np.nan if r[2] is None else r[2] for r in rows], float),
+            )
+        )
+
+    line("all images", overall)
+    for col in page.path_columns:
+        values = [
+            v
+            for (v,) in con.execute(
+                f"select distinct {_q(col)} from scope_scores where {_q(col)} is not null"
+            ).fetchall()
+        ]
+        if 1 < len(values) <= DAILY_LINES and len(series) < 1 + 2 * DAILY_LINES:
+            for v in sorted(values, key=lambda x: _natural_key(str(x))):
+                line(f"{col}={v}", per_day(f"{_q(col)} = ?", [v]))
+        table = con.execute(
+            f"""
+            select {_q(col)} as value, count(*) as n,
+                   count(*) filter (where is_anomaly) as flagged, median(quality) as q
+            from scope_scores group by 1 order by n desc limit {MAX_GROUPS}
+            """
+        ).fetchall()
+        page.path_tables[col] = [
+            {"value": v, "images": n, "flagged": f, "median_quality": q} for v, n, f, q in table
+        ]
+    name = f"{page.images}/daily.png"
+    save_daily(
+        out / name,
+        np.array(days, dtype="datetime64[D]"),
+        series,
+        f"per day scored: {len(days)} days, {page.run.rows} images",
+    )
+    page.pictures["daily"] = name
+    log(f"report: per-day figure over {len(days)} days ({len(series)} lines)")
+
+
+def _daily_html(page: _Page) -> str:
+    parts = [_notes(page, "daily"), _picture(page, "daily", "quality and flagged per day")]
+    for col, rows in page.path_tables.items():
+        body = "".join(
+            f"<tr><td>{_e(r['value'] if r['value'] is not None else '(none)')}</td>"
+            f"<td>{_e(r['images'])}</td><td>{_e(r['flagged'])}</td>"
+            f"<td>{100 * r['flagged'] / max(r['images'], 1):.1f} %</td>"
+            f"<td>{_e(_fmt_num(r['median_quality'], 4))}</td></tr>\n"
+            for r in rows
+        )
+        parts.append(
+            f"<h3>By {_e(col)}</h3>\n<table>\n<tr><th>{_e(col)}</th><th>images</th>"
+            f"<th>flagged</th><th>flagged share</th><th>median quality</th></tr>\n"
+            f"{body}</table>\n"
+        )
+    return "".join(parts)
+
+
 def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> None:
     from jobs.render import save_bar_chart
 
@@ -603,9 +753,8 @@ def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) ->
             """
             select coalesce(stage, '?') as stage, coalesce(error_type, '?') as error_type,
                    count(*) as n
-            from scoring_errors where run_id = ? group by all order by n desc, 1, 2
-            """,
-            [page.run.run_id],
+            from scope_errors group by all order by n desc, 1, 2
+            """
         )
     )
     examples = con.execute(
@@ -615,10 +764,9 @@ def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) ->
                    image_uri, message,
                    row_number() over (partition by coalesce(stage, '?'),
                                       coalesce(error_type, '?') order by image_uri) as k
-            from scoring_errors where run_id = ?
+            from scope_errors
         ) where k <= {ERROR_EXAMPLES} order by stage, error_type, k
-        """,
-        [page.run.run_id],
+        """
     ).fetchall()
     by_group: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for stage, etype, uri, msg in examples:
@@ -631,7 +779,7 @@ def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) ->
         out / name,
         [f"{g['stage']} / {g['error_type']}"[:60] for g in groups],
         [int(g["n"]) for g in groups],
-        f"errors of the run by stage / type ({page.run.errors} files)",
+        f"errors by stage / type ({page.run.errors} files)",
     )
     page.pictures["errors"] = name
     log(f"report: {page.run.errors} errors in {len(groups)} stage/type groups")
@@ -663,7 +811,49 @@ def _notes(page: _Page, section: str) -> str:
     return "".join(f'<p class="note">{_e(n)}</p>\n' for n in page.notes.get(section, []))
 
 
+def _period_header(page: _Page) -> str:
+    run = page.run
+    assert run.period is not None
+    p = run.period
+    statuses: dict[str, int] = {}
+    for r in p.runs:
+        statuses[str(r.get("status"))] = statuses.get(str(r.get("status")), 0) + 1
+
+    def total(key: str) -> int:
+        return sum(int(r.get(key) or 0) for r in p.runs)
+
+    fields = [
+        ("job", _e(p.job)),
+        ("period (UTC)", _e(f"{_fmt_day(p.start)} to {_fmt_day(p.end)}")),
+        ("runs", _e(f"{len(p.runs)} (" + ", ".join(f"{n} {k}" for k, n in statuses.items()) + ")")),
+        ("images scored", _e(total("images_scored"))),
+        ("images failed", _e(total("images_failed"))),
+        ("rows in image_scores now", _e(run.rows)),
+        ("rows in scoring_errors now", _e(run.errors)),
+    ]
+    if page.clip is not None:
+        lo, hi = page.clip
+        fields.append(("heatmap clip", _e(f"{lo:.4g} … {hi:.4g} ({page.clip_source})")))
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>\n" for k, v in fields)
+    head = "<tr><th>started</th><th>status</th><th>model version</th><th>scored</th>"
+    head += "<th>failed</th><th>skipped</th><th>images/s</th><th>run id</th></tr>\n"
+    rows = "".join(
+        f"<tr><td>{_e(_fmt_ts(r.get('started_at')))}</td><td>{_e(r.get('status'))}</td>"
+        f"<td>{_e(r.get('model_version'))}</td><td>{_e(r.get('images_scored'))}</td>"
+        f"<td>{_e(r.get('images_failed'))}</td><td>{_e(r.get('images_skipped'))}</td>"
+        f"<td>{_e(_fmt_num(r.get('images_per_s'), 4))}</td>"
+        f'<td class="mono">{_e(r.get("run_id"))}</td></tr>\n'
+        for r in p.runs
+    )
+    return (
+        f"<table>\n{body}</table>\n{_notes(page, 'header')}"
+        f"<h3>The {len(p.runs)} runs</h3>\n<table>\n{head}{rows}</table>\n"
+    )
+
+
 def _header(page: _Page) -> str:
+    if page.run.period is not None:
+        return _period_header(page)
     run, info = page.run, page.run.info or {}
     started, finished = info.get("started_at"), info.get("finished_at")
     duration = "–"
@@ -757,7 +947,8 @@ def _errors_html(page: _Page) -> str:
 
 def _html(page: _Page, top: int) -> str:
     run = page.run
-    title = f"flowscore report: run {run.run_id}"
+    title = f"flowscore report: {run.title}"
+    what = "run" if run.period is None else "period"
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     if run.rows:
         images = (
@@ -770,7 +961,7 @@ def _html(page: _Page, top: int) -> str:
             + (
                 _gallery(page.best, page.path_columns)
                 if page.best
-                else "<p>all of this run's images are shown above.</p>\n"
+                else f"<p>all of this {what}'s images are shown above.</p>\n"
             )
         )
         bins = "".join(f"<li>{_e(b)}</li>" for b in page.bins)
@@ -789,8 +980,13 @@ def _html(page: _Page, top: int) -> str:
             f"{_picture(page, 'by_path', 'quality by path column')}"
         )
     else:
-        none = '<p class="note">this run has no rows left in image_scores.</p>\n'
+        none = f'<p class="note">this {what} has no rows left in image_scores.</p>\n'
         images = boxplots = quality = none
+    daily = ""
+    if run.period is not None:
+        daily = '<h2 id="daily">Per day and per path column</h2>\n' + (
+            _daily_html(page) if run.rows else none
+        )
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -801,10 +997,12 @@ def _html(page: _Page, top: int) -> str:
 </head>
 <body>
 <h1>{_e(title)}</h1>
-<nav><a href="#run">run</a><a href="#images">worst &amp; best</a>
+<nav><a href="#run">{what}</a>{'<a href="#daily">per day</a>' if daily else ""}
+<a href="#images">worst &amp; best</a>
 <a href="#boxplots">box plots</a><a href="#quality">quality</a><a href="#errors">errors</a></nav>
-<h2 id="run">Run</h2>
+<h2 id="run">{what.capitalize()}</h2>
 {_header(page)}
+{daily}
 <h2 id="images">Worst and best images (top {_e(top)})</h2>
 {images}
 <h2 id="boxplots">Per-image window log-likelihoods by quality bin</h2>
@@ -832,17 +1030,37 @@ def _remove_other_builds(out: Path, keep: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAULT_TOP) -> Path:
-    """Write the report of run ``run_id`` (default: the most recent run with scored rows)
-    into ``out_dir`` (created if missing) and return the path of its ``index.html``.
+def run_report(
+    out_dir: Path,
+    run_id: str | None,
+    log: Log,
+    *,
+    top: int = DEFAULT_TOP,
+    job: str | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> Path:
+    """Write the report of run ``run_id`` (default: the most recent run with scored rows),
+    or with ``job`` of every run of that job started in ``[start, end)`` (naive UTC; ``end``
+    default now), into ``out_dir`` (created if missing) and return the path of its
+    ``index.html``.
 
     Raises :class:`ReportUsageError` for empty tables, an unknown run id, a run with no rows
-    left, ``top < 1`` or a catalog that cannot be opened."""
+    left, a job without runs in the period, ``top < 1`` or a catalog that cannot be
+    opened."""
     from jobs.query import connect
     from pipelines.tables import TablesError
 
     if top < 1:
         raise ReportUsageError(f"the number of worst/best images must be >= 1, not {top}")
+    if job is not None:
+        if run_id is not None:
+            raise ReportUsageError("give either --run or --job, not both")
+        if start is None:
+            raise ReportUsageError("--job needs a period: --since 30d, or --from DATE")
+        end = end or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        if not start < end:
+            raise ReportUsageError(f"the period is empty: {start} is not before {end}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportUsageError(f"--out {out} exists and is not a directory")
@@ -851,12 +1069,16 @@ def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAUL
     except TablesError as e:
         raise ReportUsageError(str(e)) from e
     try:
-        run = _choose_run(con, run_id)
-        log(f"report: run {run.run_id}: {run.rows} scored rows, {run.errors} error rows")
+        if job is not None:
+            assert start is not None and end is not None
+            run = _choose_period(con, job, start, end)
+        else:
+            run = _choose_run(con, run_id)
+        log(f"report: {run.title}: {run.rows} scored rows, {run.errors} error rows")
         page = _Page(run=run, path_columns=_path_columns(con))
         info = run.info or {}
         scored = info.get("images_scored")
-        if run.info is None:
+        if run.info is None and run.period is None:
             page.note("header", "this run has no row in the runs table.")
         if isinstance(scored, int) and run.rows < scored:
             page.note(
@@ -873,7 +1095,8 @@ def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAUL
                 "remain (a later run failed or scored the others).",
             )
         if run.rows == 0:
-            page.note("header", "this run has no rows left in image_scores.")
+            what = "run" if run.period is None else "period's runs"
+            page.note("header", f"this {what} has no rows left in image_scores.")
         # a new folder per build: the old index.html keeps its pictures until the new one
         # replaces it in one rename, so a reader (or a crash) never sees a page whose PNGs
         # are gone or half-written
@@ -883,6 +1106,8 @@ def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAUL
         try:
             if run.rows:
                 _scored_sections(con, page, out, top, log)
+                if run.period is not None:
+                    _daily(con, page, out, log)
             _errors(con, page, out, log)
             index = out / "index.html"
             tmp = out / f".index.html.{os.getpid()}.tmp"
@@ -901,18 +1126,15 @@ def run_report(out_dir: Path, run_id: str | None, log: Log, *, top: int = DEFAUL
 def _scored_sections(
     con: duckdb.DuckDBPyConnection, page: _Page, out: Path, top: int, log: Log
 ) -> None:
-    run_id = page.run.run_id
     data = _arrow_table(
-        con,
-        f"select {_select(page.path_columns, heatmap=False)} from image_scores where run_id = ?",
-        [run_id],
+        con, f"select {_select(page.path_columns, heatmap=False)} from scope_scores", []
     )
     with_maps = int(np.asarray(data.column("__has_heatmap").to_numpy(zero_copy_only=False)).sum())
     page.has_heatmaps = with_maps > 0
     if with_maps:
         first = con.execute(
-            "select model_name, model_version from image_scores where run_id = ? limit 1",
-            [run_id],
+            "select model_name, model_version from scope_scores "
+            "group by all order by count(*) desc limit 1"
         ).fetchone() or (None, None)
         info = page.run.info or {}
         name = info.get("model_name") or first[0]
@@ -920,7 +1142,7 @@ def _scored_sections(
         page.clip = _registry_clip(str(name or ""), str(version or ""), log)
         page.clip_source = f"heatmap_clip of models:/{name}/{version}"
         if page.clip is None:
-            page.clip = _run_clip(con, run_id)
+            page.clip = _run_clip(con)
             page.clip_source = (
                 f"{CLIP_QUANTILES[0]:.1%} and {CLIP_QUANTILES[1]:.0%} quantiles of the "
                 f"run's window log-likelihoods (up to {CLIP_SAMPLE_IMAGES} images)"
@@ -931,7 +1153,7 @@ def _scored_sections(
             "this run stored no heatmaps (scored with --no-heatmaps): originals are shown "
             "without overlays.",
         )
-    page.worst, page.best = _top_rows(con, run_id, page.path_columns, top)
+    page.worst, page.best = _top_rows(con, page.path_columns, top)
     _overlays(page, out, log)
     _boxplots(con, page, data, out, log)
     _quality_figures(page, data, out, log)

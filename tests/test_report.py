@@ -252,6 +252,40 @@ def test_default_run_report(home, tmp_path):
         assert im.size == (2 * W + 8, H)
 
 
+def test_period_report_covers_every_run_of_the_job_in_the_period(home, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "period"
+    args = ["report", "--out", str(out), "--job", "harvest-nightly", "--quiet"]
+    assert main([*args, "--from", "2024-02-01", "--to", "2024-02-05"]) == 0
+    index = out / "index.html"
+    page = index.read_text()
+    srcs = _check_images(index)
+    # r-old's rows were all rescored by r-new: 0 + 6 (r-nomaps) + 1 (r-single) + 21 (r-new)
+    assert "job harvest-nightly, 2024-02-01 to 2024-02-05" in page
+    assert "<th>rows in image_scores now</th><td>28</td>" in page
+    assert "The 4 runs" in page and all(r in page for r in ("r-old", "r-nomaps", "r-single"))
+    assert html.escape(home["worst_uri"]) in page  # the worst image of the whole period
+    assert {"daily.png", "quality_trend.png", "errors_by_type.png"} <= {Path(s).name for s in srcs}
+    assert "By camera" in page and "By year" in page
+    # the period's rows by camera: the table's counts add up to the rows in scope
+    cams = re.findall(r"<tr><td>(\d)</td><td>(\d+)</td>", page.split("By camera")[1])
+    assert sum(int(n) for _, n in cams) == 28
+    # one day: r-nomaps alone
+    assert main([*args, "--from", "2024-02-02", "--to", "2024-02-03"]) == 0
+    page = index.read_text()
+    assert "<th>rows in image_scores now</th><td>6</td>" in page and "The 1 runs" in page
+    # a job or a period without runs: exit 2, naming the jobs there are
+    assert main(["report", "--out", str(out), "--job", "nightly", "--since", "30d"]) == 2
+    err = capsys.readouterr().err
+    assert "job 'nightly' has no runs" in err and "harvest-nightly (4 runs" in err
+    assert main([*args, "--since", "30d"]) == 2  # 2024 is more than 30 days ago
+    assert main(["report", "--out", str(out), "--since", "30d"]) == 2
+    assert "choose the period of a --job report" in capsys.readouterr().err
+    assert main([*args, "--run", "r-new", "--since", "30d"]) == 2
+    assert "either --run or --job" in capsys.readouterr().err
+
+
 def test_unknown_run_lists_recent_runs(home, tmp_path):
     with pytest.raises(ReportUsageError, match="unknown run id 'nope'") as exc:
         run_report(tmp_path / "rep", "nope", lambda _: None)
@@ -354,14 +388,15 @@ def _browser() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(home, tmp_path):
+def _render_in_chromium(index: Path, tmp_path: Path) -> dict:
+    """Load ``index`` in headless Chromium inside a checking page; every <img> the page names
+    must have loaded. Returns the title and images the browser saw."""
     browser = _browser()
     if browser is None:
         pytest.skip(
             "chromium not installed: no chromium, chromium-browser or google-chrome on PATH "
             "(apt-get install -y --no-install-recommends chromium)"
         )
-    index = run_report(tmp_path / "rep", None, lambda _: None)
     expected = _img_srcs(index.read_text())
     check = index.parent / "_browser_check.html"
     check.write_text(_CHECK_PAGE)
@@ -388,7 +423,6 @@ def test_report_renders_in_headless_chromium(home, tmp_path):
     text = html.unescape(m.group(1))
     assert text.startswith("{"), text
     result = json.loads(text)
-    assert "r-new" in result["title"]
     assert [i["src"] for i in result["images"]] == [html.unescape(s) for s in expected]
     bad = [i for i in result["images"] if not i["ok"]]
     assert not bad, bad
@@ -396,7 +430,28 @@ def test_report_renders_in_headless_chromium(home, tmp_path):
     res = subprocess.run(
         [*cmd, index.as_uri()], capture_output=True, text=True, timeout=120, env=env
     )
-    assert res.returncode == 0 and "flowscore report: run r-new" in res.stdout
+    assert res.returncode == 0 and result["title"] in res.stdout
+    return result
+
+
+def test_report_renders_in_headless_chromium(home, tmp_path):
+    index = run_report(tmp_path / "rep", None, lambda _: None)
+    result = _render_in_chromium(index, tmp_path)
+    assert result["title"] == "flowscore report: run r-new"
+
+
+def test_period_report_renders_in_headless_chromium(home, tmp_path):
+    index = run_report(
+        tmp_path / "rep",
+        None,
+        lambda _: None,
+        job="harvest-nightly",
+        start=datetime(2024, 2, 1),
+        end=datetime(2024, 2, 5),
+    )
+    result = _render_in_chromium(index, tmp_path)
+    assert result["title"] == "flowscore report: job harvest-nightly, 2024-02-01 to 2024-02-05"
+    assert any(i["src"].endswith("/daily.png") for i in result["images"])
 
 
 def test_dollar_signs_in_paths_and_a_rebuild_that_leaves_no_stale_pictures(tmp_path, monkeypatch):
