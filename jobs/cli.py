@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "UsageError"]
@@ -67,7 +68,31 @@ def cmd_synth(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- bench
 
 
+def _write_json(path: str | None, result: dict[str, object]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+    if args.tables:
+        from jobs.bench_tables import format_table_bench, run_table_bench
+
+        if args.commits > args.tables:
+            raise UsageError(f"--commits ({args.commits}) must not exceed --tables ({args.tables})")
+        tables_result = run_table_bench(
+            args.tables,
+            commits=args.commits,
+            cells=args.heatmap_cells,
+            workdir=args.workdir,
+            log=log,
+        )
+        print(format_table_bench(tables_result))
+        _write_json(args.json, tables_result)
+        return EXIT_OK
+
     import torch
 
     from jobs.bench import format_table, run_bench
@@ -100,13 +125,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         memory_images=args.memory_images if args.memory else 0,
         bf16=not args.no_bf16,
-        log=(lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr)),
+        log=log,
     )
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
     return EXIT_OK
 
 
@@ -251,6 +273,19 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _date(text: str) -> datetime:
+    """An argparse type: YYYY-MM-DD or an ISO 8601 time, as naive UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected a date such as 2024-02-01 or 2024-02-01T06:00, got {text!r}"
+        ) from e
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def cmd_maintain(args: argparse.Namespace) -> int:
     from jobs.maintain import MaintainUsageError, run_maintain
     from jobs.train import stderr_log
@@ -276,8 +311,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     from jobs.report import ReportUsageError, run_report
     from jobs.train import stderr_log
 
+    start = end = None
+    if args.job is None and (args.since or args.date_from or args.date_to):
+        raise UsageError("--since, --from and --to choose the period of a --job report")
+    if args.job is not None:
+        if args.since is not None and args.date_from is not None:
+            raise UsageError("give --since or --from, not both")
+        now = datetime.now(UTC).replace(tzinfo=None)
+        end = args.date_to or now
+        start = args.date_from or (end - timedelta(seconds=args.since or 30 * 86400.0))
     try:
-        index = run_report(Path(args.out), args.run, stderr_log(args.quiet), top=args.top)
+        index = run_report(
+            Path(args.out),
+            args.run,
+            stderr_log(args.quiet),
+            top=args.top,
+            job=args.job,
+            start=start,
+            end=end,
+        )
     except ReportUsageError as e:
         raise UsageError(str(e)) from e
     print(index)
@@ -474,6 +526,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="the smaller archive of --memory (default: %(default)s)",
     )
     b.add_argument("--use-gpu", action="store_true", help="measure on CUDA")
+    b.add_argument(
+        "--tables",
+        type=_positive_int,
+        metavar="N",
+        help="instead of the scorer: fill a scratch catalog with N image_scores rows in "
+        "--commits commits, then time (and take the driver's peak RSS of) a nightly run that "
+        "finds nothing new, one with 1%% new files and two typical queries, before and after "
+        "flowscore maintain",
+    )
+    b.add_argument(
+        "--commits",
+        type=_positive_int,
+        default=365,
+        help="with --tables: commits the rows arrive in, one per night (default: %(default)s)",
+    )
+    b.add_argument(
+        "--heatmap-cells",
+        type=_positive_int,
+        default=300,
+        help="with --tables: float32 heatmap cells per row (default: %(default)s)",
+    )
+    b.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="with --tables: keep the filled catalog here and reuse it on the next run "
+        "(default: a temporary folder, removed)",
+    )
     b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=cmd_bench)
@@ -778,6 +857,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--out", required=True, metavar="DIR", help="output folder")
     rp.add_argument("--run", metavar="ID", help="run id (default: the latest run with rows)")
+    rp.add_argument(
+        "--job",
+        metavar="NAME",
+        help="instead of one run: every run of this job in a period (--since, default 30d, "
+        "or --from/--to), with a per-day section",
+    )
+    rp.add_argument(
+        "--since",
+        type=_duration,
+        metavar="DURATION",
+        help="with --job: the period ending now, e.g. 30d, 12h, 2w",
+    )
+    rp.add_argument(
+        "--from",
+        dest="date_from",
+        type=_date,
+        metavar="DATE",
+        help="with --job: the period's first day (UTC), YYYY-MM-DD or an ISO time",
+    )
+    rp.add_argument(
+        "--to",
+        dest="date_to",
+        type=_date,
+        metavar="DATE",
+        help="with --job: the period ends before this (UTC; default now)",
+    )
     rp.add_argument(
         "--top", type=_positive_int, default=8, help="worst and best images shown (default: 8)"
     )

@@ -173,6 +173,32 @@ def test_bench_memory_runs_score_twice_and_reports_growth(tmp_path, monkeypatch)
     assert not (tmp_path / "home").exists()
 
 
+@pytest.mark.slow
+def test_bench_tables_fills_measures_and_maintains_a_scratch_catalog(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """``bench --tables``: the diff finds exactly the new files (it raises otherwise), the
+    UPSERT commits them, the queries run, and maintain compacts; the user's home untouched."""
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "tables.json"
+    args = ["bench", "--tables", "3000", "--commits", "12", "--heatmap-cells", "8"]
+    assert main([*args, "--quiet", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["shape_before"]["data_files"] == 12 and r["shape_before"]["snapshots"] == 13
+    # after: the 12 nightly files and the 1 % step's file compacted into one
+    assert r["shape_after"]["data_files"] == 1
+    for phase in ("before", "after"):
+        assert r[f"idle_{phase}"]["todo"] == 0
+        assert r[f"new_{phase}"]["todo"] == 30 and r[f"new_{phase}"]["commits"] == 1
+        # and a file that failed for each started 1,000 images of a night (12 nights)
+        assert r[f"idle_{phase}"]["listed"] == 3000 + 12
+        assert r[f"query_{phase}"]["rss_mb"] > r[f"query_{phase}"]["base_mb"] > 0
+    assert "nightly run, nothing new" in capsys.readouterr().out
+    assert not (tmp_path / "home").exists()
+    with pytest.raises(SystemExit):
+        main(["bench", "--tables", "0"])
+
+
 def test_bench_refuses_gpu_without_cuda(capsys) -> None:
     import torch
 
