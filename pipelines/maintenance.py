@@ -144,11 +144,15 @@ def plan_compaction(
     *,
     key: Callable[[Any], Any] = lambda f: (f.spec_id, f.partition),
     size: Callable[[Any], int] = lambda f: int(f.file_size_in_bytes),
+    order: Callable[[Any], Any] | None = None,
 ) -> list[list[Any]]:
     """Groups of small files to rewrite as one each: per ``key`` (spec and partition),
-    the files below 3/4 of ``target_bytes`` (Iceberg's default minimum), smallest first,
-    packed greedily into groups of at most ``target_bytes``; groups of one are left alone
-    (rewriting a single file gains nothing)."""
+    the files below 3/4 of ``target_bytes`` (Iceberg's default minimum), taken in ``order``
+    (default: smallest first) and packed greedily into groups of at most ``target_bytes``;
+    groups of one are left alone (rewriting a single file gains nothing). Packing files in
+    the order of their first ``image_uri`` keeps a compacted file to neighbouring folders
+    (one year, one camera), so a query on one year still skips the other years' files by
+    their statistics."""
     small = 0.75 * target_bytes
     by_key: dict[Any, list[Any]] = {}
     for f in files:
@@ -156,7 +160,7 @@ def plan_compaction(
             by_key.setdefault(key(f), []).append(f)
     groups: list[list[Any]] = []
     for members in by_key.values():
-        members.sort(key=size)
+        members.sort(key=order or size)
         current: list[Any] = []
         total = 0
         for f in members:
@@ -200,6 +204,16 @@ def last_maintained(tbl: Table) -> datetime | None:
         return datetime.fromisoformat(raw)
     except ValueError:
         return None
+
+
+def _path_order(tbl: Table) -> Callable[[Any], Any]:
+    """A data file's sort key for packing: the lower bound of its ``image_uri`` column (the
+    path, so year= and camera= folders stay together), then its own path."""
+    try:
+        fid = tbl.schema().find_field("image_uri").field_id
+    except ValueError:
+        return lambda f: (b"", f.file_path)
+    return lambda f: ((f.lower_bounds or {}).get(fid, b""), f.file_path)
 
 
 def _read_group(tbl: Table, group: Sequence[DataFile]) -> Any:
@@ -249,7 +263,9 @@ def _commit(
             default_spec = tbl.metadata.default_spec_id
             groups = [
                 g
-                for g in plan_compaction([t.file for t in tasks], policy.target_file_bytes)
+                for g in plan_compaction(
+                    [t.file for t in tasks], policy.target_file_bytes, order=_path_order(tbl)
+                )
                 if g[0].spec_id == default_spec
             ]
         now = datetime.now(UTC)

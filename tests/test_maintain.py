@@ -324,3 +324,20 @@ def test_maintain_an_s3_warehouse(home, s3_server, monkeypatch, capsys):
     assert _answers() == before
     assert set(_data_files_by_version(_table()).values()) == {1}
     assert all(n > 0 for n in _every_snapshot_reads(_table()).values())
+
+
+def test_compaction_can_pack_in_path_order():
+    files = [F("a", 10) for _ in range(6)]
+    for f, first in zip(
+        files,
+        ["y=2019/c", "y=2017/a", "y=2018/b", "y=2017/b", "y=2019/a", "y=2018/a"],
+        strict=True,
+    ):
+        f.first = first
+    groups = plan_compaction(files, 25, order=lambda f: f.first)
+    # by path, two files per group: each group holds one year
+    assert [[f.first for f in g] for g in groups] == [
+        ["y=2017/a", "y=2017/b"],
+        ["y=2018/a", "y=2018/b"],
+        ["y=2019/a", "y=2019/c"],
+    ]
