@@ -17,11 +17,18 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["ensure_ray", "cluster_cpus", "WorkerPlan", "plan_workers", "LOOPBACK"]
+__all__ = [
+    "ensure_ray",
+    "cluster_cpus",
+    "node_cpus",
+    "WorkerPlan",
+    "plan_workers",
+    "LOOPBACK",
+]
 
 # where the embedded Ray's GCS, raylet, workers and agents listen
 LOOPBACK = "127.0.0.1"
@@ -233,22 +240,43 @@ class WorkerPlan:
         return f"{self.workers} worker(s) × ({dev}, {self.threads_per_worker} torch thread(s))"
 
 
-def plan_workers(workers: int, use_gpu: bool, total_cpus: float | None = None) -> WorkerPlan:
+def node_cpus() -> list[float]:
+    """The CPUs of each alive node of the cluster."""
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+
+
+def plan_workers(workers: int, use_gpu: bool, nodes: Sequence[float] | None = None) -> WorkerPlan:
     """Split the cluster's CPUs between ``workers`` and the data tasks feeding them.
 
-    CPU workers share what is left after :data:`DATA_CPU_RESERVE` CPUs for reading and
-    decoding (fractions allowed: 2 workers on 2 CPUs get 0.5 each); torch threads per worker
-    are the whole CPUs of its share (at least 1). GPU workers take 1 GPU and 1 CPU each."""
+    CPU workers get the largest share ``s`` (in hundredths of a CPU, at least 0.1) such that
+    the nodes hold ``workers`` of them while **each node** keeps :data:`DATA_CPU_RESERVE`
+    CPUs for reading and decoding: ``Σ floor((cpus_node − reserve) / s) ≥ workers``. On one
+    node of C CPUs that is ``(C − 1) / workers`` (2 workers on 2 CPUs get 0.5 each). Keeping
+    the reserve per node matters on a cluster: a share of ``(total − 1) / workers`` gave 2
+    workers on two 16-CPU nodes 15.5 CPUs each, leaving no node the whole CPU a decode task
+    needs, and the run waited for ever. Torch threads per worker are the whole CPUs of its
+    share (at least 1). GPU workers take 1 GPU and 1 CPU each."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    total = cluster_cpus() if total_cpus is None else total_cpus
+    cpus = list(node_cpus() if nodes is None else nodes)
     if use_gpu:
+        total = sum(cpus)
         return WorkerPlan(workers, 1.0, max(1, int(total // max(1, workers)) - 1), True)
-    share = (total - DATA_CPU_RESERVE) / workers
-    if share < 0.1:
+    free = [c - DATA_CPU_RESERVE for c in cpus if c - DATA_CPU_RESERVE > 0]
+
+    def fits(share: float) -> bool:
+        return sum(math.floor(f / share + 1e-9) for f in free) >= workers
+
+    candidates = sorted({f / k for f in free for k in range(1, workers + 1)}, reverse=True)
+    share = next((c for c in candidates if fits(c)), 0.0)
+    share = math.floor(share * 100 + 1e-6) / 100
+    if share < 0.1 or not fits(share):
+        per_node = ", ".join(f"{c:g}" for c in cpus)
         raise ValueError(
-            f"{workers} workers do not fit in {total:g} CPUs with {DATA_CPU_RESERVE:g} CPU kept "
-            "for reading and decoding; use fewer workers"
+            f"{workers} workers do not fit in the cluster's CPUs ({per_node} per node) "
+            f"with {DATA_CPU_RESERVE:g} CPU kept on each node for reading and decoding; "
+            "use fewer workers"
         )
-    share = math.floor(share * 100) / 100
     return WorkerPlan(workers, share, max(1, int(share)), False)
