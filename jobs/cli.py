@@ -163,6 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
         calibrate_by=args.calibrate_by,
         backbone_weights=args.backbone_weights,
+        storage_path=args.storage_path,
         ray_address=args.ray_address,
         max_failures=args.max_failures,
     )
@@ -638,6 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fails (default: %(default)s)",
     )
     t.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    t.add_argument(
+        "--storage-path",
+        metavar="URI",
+        help="where Ray Train keeps its checkpoints: a folder every node of the cluster "
+        "reaches, or s3://bucket/prefix (default: the job's folder under FLOWSCORE_HOME, "
+        "which only a one-node cluster shares); --resume reuses the one the run started with",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(func=cmd_train)
 

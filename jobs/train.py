@@ -56,6 +56,9 @@ class TrainRequest:
     calibrate_by: str | None = None
     backbone_weights: str | None = None
     ray_address: str | None = None
+    # Ray Train's checkpoints: a folder every node reaches, or s3://bucket/prefix (default:
+    # the job's folder under FLOWSCORE_HOME, which only a one-node cluster can share)
+    storage_path: str | None = None
     max_failures: int = 2
     overlays: int = 4
 
@@ -231,6 +234,13 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     spec = load_spec(req.preset, req.config, req.max_epochs, req.calibrate_by)
     spec_d = spec_to_dict(spec)
     backbone_state = _backbone_state(spec, req, log)
+    if req.storage_path:
+        from pipelines.storage import ray_train_storage
+
+        try:
+            ray_train_storage(req.storage_path)
+        except ValueError as e:
+            raise TrainUsageError(f"--storage-path: {e}") from e
     if req.use_gpu and req.ray_address is None and not torch.cuda.is_available():
         raise TrainUsageError("--use-gpu given but no CUDA device is visible to this machine")
 
@@ -258,6 +268,13 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
                 f"config (see {job_dir / 'state.json'}); run without --resume to start anew"
             )
         run_name, run_id = state["ray_run_name"], state["mlflow_run_id"]
+        recorded = state.get("ray_storage")
+        if req.storage_path and recorded and req.storage_path != recorded:
+            raise TrainUsageError(
+                f"--resume: the unfinished run of {req.name!r} kept its checkpoints in "
+                f"{recorded}, not {req.storage_path}; resume with --storage-path {recorded}"
+            )
+        storage = req.storage_path or recorded or str(job_dir / "ray")
         client.update_run(run_id, status="RUNNING")
         log(f"resuming Ray Train run {run_name} (MLflow run {run_id})")
     else:
@@ -266,6 +283,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
                 f"note: an unfinished run of {req.name!r} exists ({state.get('ray_run_name')});"
                 " starting a new one (use --resume to continue it instead)"
             )
+        storage = req.storage_path or str(job_dir / "ray")
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_name = f"{req.name}-{stamp}-{uuid.uuid4().hex[:6]}"
         experiment = tracking.ensure_experiment(client, EXPERIMENT_PREFIX + req.name)
@@ -294,6 +312,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
         state = {
             "status": "running",
             "ray_run_name": run_name,
+            "ray_storage": storage,
             "mlflow_run_id": run_id,
             "identity": identity,
             "started_at": datetime.now(UTC).isoformat(),
@@ -320,7 +339,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             train,
             val,
             plan=plan,
-            storage_path=str(job_dir / "ray"),
+            storage_path=storage,
             run_name=run_name,
             max_failures=req.max_failures,
             fault=_fault(),

@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -188,6 +189,38 @@ class S3RetryStrategy(pafs.AwsStandardS3RetryStrategy):
         if max_attempts is None:
             max_attempts = 1 + s3_settings().retries
         super().__init__(max_attempts=max_attempts)
+
+
+def ray_train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+    """Ray Train's ``(storage_path, storage_filesystem)`` for a checkpoint location: a folder
+    every node can reach (absolute path, no file system object) or ``s3://bucket/prefix``
+    (a pyarrow S3 file system on this environment's endpoint and region, with the
+    ``FLOWSCORE_S3_*`` timeouts and retries; credentials from the AWS chain, as Ray's own
+    workers take them; the path without its scheme, as Ray wants with a file system)."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return os.path.abspath(parsed.path if parsed.scheme else uri), None
+    if parsed.scheme not in ("s3", "s3a", "s3n") or not parsed.netloc:
+        raise ValueError(f"expected a folder or s3://bucket/prefix, got {redact(uri)!r}")
+    if "@" in parsed.netloc:
+        raise ValueError("put S3 credentials in the AWS environment, not in the URI")
+    s = s3_settings()
+    kwargs: dict[str, Any] = {
+        "connect_timeout": s.connect_timeout_s,
+        "request_timeout": s.read_timeout_s,
+        "retry_strategy": S3RetryStrategy(),
+    }
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            ep = urlparse(value)
+            kwargs["endpoint_override"] = ep.netloc or ep.path
+            kwargs["scheme"] = ep.scheme or "https"
+            break
+    region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "").strip()
+    if region:
+        kwargs["region"] = region
+    return f"{parsed.netloc}{parsed.path}".rstrip("/"), pafs.S3FileSystem(**kwargs)
 
 
 def iceberg_properties(settings: S3Settings | None = None) -> dict[str, str]:

@@ -377,7 +377,9 @@ def train_flow_on_ray(
     log: Log,
 ) -> RayFitResult:
     """Stage 2: fit the flow with ``TorchTrainer``. Reusing ``run_name`` under the same
-    ``storage_path`` resumes from that run's last checkpoint (Ray Train v2 restores it)."""
+    ``storage_path`` resumes from that run's last checkpoint (Ray Train v2 restores it).
+    ``storage_path`` is a folder every node reaches, or ``s3://bucket/prefix``
+    (:func:`pipelines.storage.ray_train_storage`)."""
     import ray
     from ray.train import (
         CheckpointConfig,
@@ -389,6 +391,9 @@ def train_flow_on_ray(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from .storage import ray_train_storage
+
+    ray_path, ray_fs = ray_train_storage(storage_path)
     t0 = time.perf_counter()
     spec_d = spec_to_dict(spec)
     feat_cpu = copy.deepcopy(featurizer).cpu().eval()
@@ -436,7 +441,8 @@ def train_flow_on_ray(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]

@@ -298,7 +298,15 @@ def test_train_from_s3_against_an_mlflow_server(
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     fs.put(str(local) + "/", "train-archive/harvest/", recursive=True)
-    assert _train("s3://train-archive/harvest", "s3-grain", _config(tmp_path)) == 0
+    # checkpoints on S3 too, as a cluster of several nodes needs them (--storage-path)
+    ckpt = "s3://train-archive/ray-checkpoints"
+    cfg = _config(tmp_path)
+    assert _train("s3://train-archive/harvest", "s3-grain", cfg, "--storage-path", ckpt) == 0
+    fs.invalidate_cache()
+    stored = fs.find("train-archive/ray-checkpoints")
+    assert any("/checkpoint_" in k for k in stored), stored[:20]
+    state = json.loads((tmp_path / "home" / "train" / "s3-grain" / "state.json").read_text())
+    assert state["ray_storage"] == ckpt
     c = tracking.client()
     resolved = tracking.resolve_model("models:/s3-grain@champion")
     scorer = load_bundle(resolved.path)
