@@ -8,9 +8,9 @@
 
    * ``idle``: the nightly job's subtraction (``pipelines.incremental.pending``, the very
      code ``flowscore run`` calls) over a listing of every file, which finds nothing new.
-     The listing is built in the child as ``list_archive`` builds it (one ``ArchiveEntry``
-     per file; its memory is reported apart: ``listing_mb``), and its time is not counted:
-     listing S3 is the store's cost, not the tables'.
+     The listing is built in the child as ``list_archive_columns`` builds it (its memory is
+     reported apart: ``listing_mb``), and its time is not counted: listing S3 is the
+     store's cost, not the tables'.
    * ``new``: the same with 1 % new files, then their rows committed by the scoring job's
      own UPSERT (``pipelines.score.upsert_scores``: Ray Data ``write_iceberg``) in chunks of
      5,000 as ``commit_every`` does; Ray's start is not counted.
@@ -204,34 +204,27 @@ def fill(rows: int, commits: int, cells: int, log: Log) -> dict[str, Any]:
     return {"fill_s": round(time.perf_counter() - t0, 1)}
 
 
-def _listing(rows: int, commits: int, extra: int, extra_night: int) -> list[Any]:
-    """The archive as ``list_archive`` would list it: every scored file, every file that
-    failed, and ``extra`` new files of one more night."""
-    from pipelines.archive import ArchiveEntry, shared_columns
+def _listing(rows: int, commits: int, extra: int, extra_night: int) -> Any:
+    """The archive as ``list_archive_columns`` lists an S3 prefix: every scored file, every
+    file that failed, and ``extra`` new files of one more night (the same builder)."""
+    from pipelines.archive import ListingBuilder
 
-    columns = shared_columns()
+    prefix = "s3://bench-archive/"
+    builder = ListingBuilder(prefix, with_etags=True)
 
-    def entry(uri: str, i: int, night: int) -> ArchiveEntry:
-        path = uri.removeprefix("s3://bench-archive/")
-        return ArchiveEntry(
-            image_uri=uri,
-            etag=_etag(i),
-            size=150_000,
-            mtime=START + timedelta(days=night, hours=1),
-            path=path,
-            columns=columns(path),
-        )
+    def add(uri: str, i: int, night: int) -> None:
+        mtime = START + timedelta(days=night, hours=1)
+        ns = int((mtime - datetime(1970, 1, 1)).total_seconds()) * 1_000_000_000
+        builder.add(uri.removeprefix(prefix), 150_000, ns, _etag(i))
 
-    out = []
     for night, first, n in _nights(rows, commits):
         for i in range(first, first + n):
-            out.append(entry(_uri(i, night), i, night))
+            add(_uri(i, night), i, night)
         for i in range(first, first + n, ERRORS_PER):
-            out.append(entry(_uri(i, night).replace(".jpg", "_bad.jpg"), i, night))
+            add(_uri(i, night).replace(".jpg", "_bad.jpg"), i, night)
     for i in range(rows + extra_night * 10**7, rows + extra_night * 10**7 + extra):
-        out.append(entry(_uri(i, extra_night), i, extra_night))
-    out.sort(key=lambda e: e.path)
-    return out
+        add(_uri(i, extra_night), i, extra_night)
+    return builder.build()
 
 
 def _step(step: str, rows: int, commits: int, cells: int, extra_night: int) -> dict[str, Any]:

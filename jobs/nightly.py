@@ -216,7 +216,7 @@ def run_job(
 ) -> int:
     from jobs.score import ScoreRequest, ScoreUsageError, check_bundle, model_identity, run_score
     from pipelines import tables, tracking
-    from pipelines.archive import ArchiveError, list_archive, open_archive
+    from pipelines.archive import ArchiveError, list_archive_columns, open_archive
     from pipelines.incremental import pending
     from pipelines.lock import JobLock, LockHeld, LockLost
 
@@ -260,7 +260,7 @@ def run_job(
             for dead in tables.mark_dead_runs(catalog, spec.name, f"found dead by {lock.holder}"):
                 log(f"marked run {dead} of job {spec.name} failed (its lease had expired)")
         try:
-            listed = list(list_archive(spec.archive))
+            listed = list_archive_columns(spec.archive)
         except ArchiveError as e:
             raise JobUsageError(f"{path}: job.archive: {e}") from e
         todo = pending(catalog, version, listed)
@@ -286,7 +286,7 @@ def run_job(
                     commit_every=spec.commit_every,
                     job=spec.name,
                     ray_address=ray_address,
-                    listed=tuple(listed),
+                    listed=listed,
                     todo=tuple(todo),
                     resolved=resolved,  # pinned and checked above: not asked for or loaded again
                     validated_precisions=validated,

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,7 +71,7 @@ class ScoreRequest:
     validated_precisions: tuple[str, ...] = ("fp32",)
     # the archive's listing, when the caller has it already (the nightly job lists it to
     # subtract what is done): used as is, so a large archive is not listed twice
-    listed: tuple[Any, ...] | None = None
+    listed: Sequence[Any] | None = None
     # with ``listed``: the entries of it still to score, in its order, when the caller has
     # subtracted what is done (the nightly job, pipelines.incremental.pending); None: all
     todo: tuple[Any, ...] | None = None
@@ -142,7 +142,12 @@ def check_bundle(path: str | Path) -> tuple[str, ...]:
 def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     from flowcore.scorer import resolve_precision
     from pipelines import tables, tracking
-    from pipelines.archive import ArchiveError, check_archive_uri, list_archive
+    from pipelines.archive import (
+        ArchiveError,
+        ArchiveListing,
+        check_archive_uri,
+        list_archive_columns,
+    )
     from pipelines.lock import LockLost
     from pipelines.raycluster import cluster_cpus, ensure_ray, plan_workers
     from pipelines.score import (
@@ -186,18 +191,29 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         )
         log(f"precision auto -> {precision} ({why})")
     try:
-        entries = req.listed if req.listed is not None else list_archive(req.archive)
-        listed = sorted(entries, key=lambda e: e.path)
+        entries = req.listed if req.listed is not None else list_archive_columns(req.archive)
     except ArchiveError as e:
         raise ScoreUsageError(str(e)) from e
-    listed = apply_only(listed, req.only)
+    # a column listing is sorted already and stays in columns (millions of files); only the
+    # entries to score become objects
+    listed: Sequence[Any] = (
+        entries
+        if isinstance(entries, ArchiveListing) and not req.only
+        else apply_only(sorted(entries, key=lambda e: e.path), req.only)
+    )
     if req.todo is not None and req.listed is None:
         raise ValueError("ScoreRequest.todo needs the listing it came from (listed)")
     todo = (
-        listed if req.todo is None else apply_only(sorted(req.todo, key=lambda e: e.path), req.only)
+        list(listed)
+        if req.todo is None
+        else apply_only(sorted(req.todo, key=lambda e: e.path), req.only)
     )
     skipped = len(listed) - len(todo)
-    path_columns = sorted({k for e in listed for k in e.columns})
+    path_columns = (
+        listed.path_columns()
+        if isinstance(listed, ArchiveListing)
+        else sorted({k for e in listed for k in e.columns})
+    )
     log(
         f"archive: {len(listed)} images listed"
         + (" (after --only)" if req.only else "")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import tables
+from .archive import ArchiveListing
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -59,11 +60,19 @@ def done_digests(catalog: Catalog, model_version: str) -> np.ndarray:
 def pending(
     catalog: Catalog, model_version: str, listed: Sequence[ArchiveEntry]
 ) -> list[ArchiveEntry]:
-    """The entries of ``listed`` not done under ``model_version``, in listing order."""
+    """The entries of ``listed`` not done under ``model_version``, in listing order. An
+    :class:`~pipelines.archive.ArchiveListing` is read column by column: only the entries
+    still to do are made."""
     done = done_digests(catalog, model_version)
     if not len(done):
         return list(listed)
-    keys = _digests(((e.image_uri, e.etag) for e in listed), len(listed))
+    pairs = (
+        listed.keys()
+        if isinstance(listed, ArchiveListing)
+        else ((e.image_uri, e.etag) for e in listed)
+    )
+    keys = _digests(pairs, len(listed))
     pos = np.searchsorted(done, keys)
     found = done[np.minimum(pos, len(done) - 1)] == keys
-    return [e for e, hit in zip(listed, found.tolist(), strict=True) if not hit]
+    del keys, pos
+    return [listed[i] for i in np.flatnonzero(~found).tolist()]

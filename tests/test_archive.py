@@ -563,3 +563,54 @@ def test_symlinks_leading_out_of_the_archive_are_skipped_unless_asked(
         "year=2018/s.jpg",
         "year=2019/link-in.jpg",
     ]
+
+
+def test_column_listing_is_the_listing(archive: Path):
+    """``list_archive_columns`` holds what ``list_archive`` yields, in the same order:
+    entries made on access, keys without entries, path columns from the folders."""
+    from pipelines.archive import ArchiveListing, ListingBuilder, list_archive_columns
+
+    listing = list_archive_columns(str(archive))
+    entries = list(listing)
+    assert isinstance(listing, ArchiveListing) and len(listing) == len(entries) > 3
+    assert [e.path for e in entries] == sorted(e.path for e in entries)
+    assert list(listing.keys()) == [(e.image_uri, e.etag) for e in entries]
+    assert listing[0] == entries[0] and listing[-1] == entries[-1]
+    assert listing[1:3] == entries[1:3]
+    with pytest.raises(IndexError):
+        listing[len(listing)]
+    assert listing.path_columns() == sorted({k for e in entries for k in e.columns})
+    # the builder sorts what it is given, and keeps S3 etags and missing times
+    b = ListingBuilder("s3://b/", with_etags=True)
+    b.add("year=2019/z.jpg", 3, None, "e1")
+    b.add("year=2018/a.jpg", 5, 1_500_000_000_000_000_000, "e2")
+    built = list(b.build())
+    assert [(e.path, e.etag, e.size) for e in built] == [
+        ("year=2018/a.jpg", "e2", 5),
+        ("year=2019/z.jpg", "e1", 3),
+    ]
+    assert built[0].image_uri == "s3://b/year=2018/a.jpg" and built[1].mtime is None
+    assert built[0].mtime == datetime(2017, 7, 14, 2, 40) and built[0].columns == {"year": "2018"}
+
+
+@pytest.mark.s3
+def test_an_s3_listing_of_more_than_one_page(s3_server):
+    """S3 lists 1,000 keys a page: a prefix of 1,203 objects (and a few that are not
+    images) comes back whole, in path order, with the objects' ETags."""
+    import boto3
+    from conftest import make_bucket
+
+    from pipelines.archive import list_archive_columns
+
+    make_bucket("paged")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    names = [f"a/year={2017 + i % 3}/img_{i:05d}.jpg" for i in range(1203)]
+    for n in names:
+        s3.put_object(Bucket="paged", Key=n, Body=b"x")
+    s3.put_object(Bucket="paged", Key="a/notes.txt", Body=b"x")
+    s3.put_object(Bucket="paged", Key="b/img_other.jpg", Body=b"x")
+    listing = list_archive_columns("s3://paged/a")
+    assert [e.path for e in listing] == sorted(n.removeprefix("a/") for n in names)
+    etag = s3.head_object(Bucket="paged", Key=names[0])["ETag"].strip('"')
+    assert dict(listing.keys())[f"s3://paged/{names[0]}"] == etag
+    assert listing.path_columns() == ["year"]
