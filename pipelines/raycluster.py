@@ -96,6 +96,11 @@ def ensure_ray(address: str | None = None) -> None:
         **extra,
     )
     if addr is None:
+        # "local": always a new Ray of our own. With address=None, ray.init joins a Ray that
+        # `ray start` (or a test's ray.cluster_utils.Cluster) left in /tmp/ray on this
+        # machine: someone else's cluster, with another token (seen as an
+        # AuthenticationError while the two-node test ran beside another test)
+        init["address"] = "local"
         _start_local_ray(init)
     elif _is_loopback_address(addr):
         # a local Ray of this machine (e.g. a parent's embedded one): connect to it on
