@@ -144,6 +144,7 @@ def _every_snapshot_reads(tbl) -> dict[int, int]:
     }  # to_arrow reads every data file (count() could answer from the manifests alone)
 
 
+@pytest.mark.slow
 def test_maintain_compacts_expires_and_sweeps_and_queries_answer_the_same(home, capsys):
     _fill()
     before = _answers()

@@ -81,6 +81,7 @@ def trained():
     return scorer.eval(), imgs[22:]
 
 
+@pytest.mark.slow
 def test_a_trained_window_model_in_bf16_stays_within_the_gates(trained):
     """Per window |ΔLL| median <= 0.05 nats; per-image quality ranked the same (Spearman
     >= 0.999). The 99th percentile is reported by ``flowscore bench`` (0.6 nats measured on

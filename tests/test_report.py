@@ -338,6 +338,7 @@ def test_single_image_with_registry_clip(home, tmp_path, monkeypatch):
     assert "all of this run" in page  # no separate best list
 
 
+@pytest.mark.slow
 def test_registry_unreachable_falls_back(home, tmp_path, monkeypatch):
     import socket
 
@@ -434,12 +435,14 @@ def _render_in_chromium(index: Path, tmp_path: Path) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(home, tmp_path):
     index = run_report(tmp_path / "rep", None, lambda _: None)
     result = _render_in_chromium(index, tmp_path)
     assert result["title"] == "flowscore report: run r-new"
 
 
+@pytest.mark.slow
 def test_period_report_renders_in_headless_chromium(home, tmp_path):
     index = run_report(
         tmp_path / "rep",
