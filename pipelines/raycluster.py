@@ -97,8 +97,8 @@ def ensure_ray(address: str | None = None) -> None:
     )
     if addr is None:
         # "local": always a new Ray of our own. With address=None, ray.init joins a Ray that
-        # `ray start` (or a test's ray.cluster_utils.Cluster) left in /tmp/ray on this
-        # machine: someone else's cluster, with another token (seen as an
+        # `ray start` (or a test's ray.cluster_utils.Cluster) registered in Ray's temp folder
+        # on this machine: someone else's cluster, with another token (seen as an
         # AuthenticationError while the two-node test ran beside another test)
         init["address"] = "local"
         _start_local_ray(init)
