@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -47,9 +48,16 @@ from .flows import (
     flow_config_to_dict,
 )
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer, fit_multiscale
-from .scorer import STATISTICS, Calibration, FeaturizerModule, ImageScore, Scorer
+from .scorer import STATISTICS, Calibration, FeaturizerModule, ImageScore, Scorer, summarize
+from .synthetic import DefectConfig, add_defect, auroc, defect_cells
 from .training import EpochStats, FitConfig, fit_flow
-from .windows import WindowConfig, WindowFeaturizer, fit_window_featurizer, sample_windows
+from .windows import (
+    WindowConfig,
+    WindowFeaturizer,
+    fit_window_featurizer,
+    sample_windows,
+    to_tensor,
+)
 
 __all__ = [
     "FeaturizerConfig",
@@ -62,10 +70,15 @@ __all__ = [
     "basis_sample",
     "fit_featurizer",
     "feature_rows",
+    "anomaly_rows",
+    "DEFECTS_PER_IMAGE",
     "image_generator",
     "split_holdout",
     "calibrate",
     "Calibrated",
+    "StatisticChoice",
+    "choose_image_score",
+    "AUTO_STATISTIC",
     "MIN_GROUP_IMAGES",
     "ConfigError",
     "FEATURIZER_TYPES",
@@ -79,6 +92,9 @@ __all__ = [
 
 FeaturizerConfig = WindowConfig | CNNConfig | MultiScaleConfig
 """The featurizer slot's configurations."""
+
+AUTO_STATISTIC = "auto"
+"""``image_statistic`` value that has :func:`choose_image_score` pick the statistic."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,9 @@ class ScorerSpec:
     dequantize: bool = False
     seed: int = 0
     image_statistic: str = "neg_mean_k_lowest"
+    """One of :data:`flowcore.scorer.STATISTICS`, or ``"auto"``: chosen after the fit on
+    held-out normal images and synthetic anomalies made from them
+    (:func:`choose_image_score`), never on labels."""
     image_k: int = 0
     defect_fraction: float = 0.001
     image_two_sided: bool = False
@@ -112,8 +131,10 @@ class ScorerSpec:
             raise ValueError("threshold_quantile must be in (0, 1)")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction must be in (0, 1)")
-        if self.image_statistic not in STATISTICS:
-            raise ValueError(f"image_statistic must be one of {', '.join(STATISTICS)}")
+        if self.image_statistic not in (*STATISTICS, AUTO_STATISTIC):
+            raise ValueError(
+                f"image_statistic must be one of {', '.join(STATISTICS)} or {AUTO_STATISTIC}"
+            )
         if self.image_k < 0:
             raise ValueError("image_k must be >= 0 (0: from the geometry and defect_fraction)")
         _ = self.image_score  # validates k and defect_fraction
@@ -127,7 +148,9 @@ class ScorerSpec:
     def image_score(self) -> ImageScore:
         """The image statistic the fitted scorer stores."""
         return ImageScore(
-            statistic=self.image_statistic,
+            statistic=(
+                STATISTICS[0] if self.image_statistic == AUTO_STATISTIC else self.image_statistic
+            ),
             k=self.image_k or None,
             defect_fraction=self.defect_fraction,
             two_sided=self.image_two_sided,
@@ -333,6 +356,67 @@ def feature_rows(
     return project_windows(featurizer, windows.to(featurizer.mean.device))
 
 
+DEFECTS_PER_IMAGE = 4
+"""Synthetic-anomaly copies made of each training image per draw of :func:`anomaly_rows`."""
+
+
+def _crop_around(img: np.ndarray, alpha: np.ndarray, margin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The part of an image (and of a defect's alpha) within ``margin`` pixels of the defect:
+    featurizing it costs a small fraction of the whole image."""
+    ys, xs = np.nonzero(alpha > 0)
+    h, w = alpha.shape
+    y0, y1 = max(0, int(ys.min()) - margin), min(h, int(ys.max()) + 1 + margin)
+    x0, x1 = max(0, int(xs.min()) - margin), min(w, int(xs.max()) + 1 + margin)
+    return img[y0:y1, x0:x1], alpha[y0:y1, x0:x1]
+
+
+@torch.no_grad()
+def anomaly_rows(
+    featurizer: FeaturizerModule,
+    spec: ScorerSpec,
+    images: Sequence[np.ndarray],
+    gen: torch.Generator,
+    *,
+    donors: Sequence[np.ndarray] | None = None,
+    defects: DefectConfig | None = None,
+) -> torch.Tensor:
+    """Feature rows of synthetic anomalies (:mod:`flowcore.synthetic`): each image gets
+    :data:`DEFECTS_PER_IMAGE` copies with one made-up defect each, and each copy gives the
+    feature vectors of up to ``spec.fit.synthetic_rows // DEFECTS_PER_IMAGE`` cells that see
+    its defect (:func:`flowcore.synthetic.defect_cells`). Only the region around the defect
+    is featurized. ``donors``: images that ``patch`` defects are cut from (default: the image
+    itself). (n, D) float32 on the featurizer's device; (0, D) when no defect reaches a
+    cell (an image smaller than the window)."""
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    per = max(1, spec.fit.synthetic_rows // DEFECTS_PER_IMAGE)
+    geometry = featurizer.geometry
+    # the context a cell's features depend on: its window, or for a CNN cell (window 1) a
+    # receptive field of several strides
+    margin = int(math.ceil(max(geometry.window, 8 * geometry.stride) / geometry.scale)) + 2
+    device = featurizer.mean.device
+    rows = []
+    for img in images:
+        for _ in range(DEFECTS_PER_IMAGE):
+            donor = donors[int(rng.integers(len(donors)))] if donors else None
+            bad, alpha = add_defect(np.asarray(img), rng, defects, donor=donor)
+            if not (alpha > 0).any():
+                continue
+            crop, a = _crop_around(bad, alpha, margin)
+            small = min(crop.shape[0], crop.shape[1]) * geometry.scale < geometry.window
+            if small:
+                continue
+            feats = featurizer(to_tensor(crop[None], device))  # (1, D, gh, gw)
+            cells = defect_cells(a, geometry, (feats.shape[-2], feats.shape[-1]))
+            if cells.numel() == 0:
+                continue
+            if cells.numel() > per:
+                cells = cells[torch.randperm(cells.numel(), generator=gen)[:per]]
+            rows.append(feats[0].flatten(1)[:, cells.to(device)].T)
+    if not rows:
+        return torch.zeros((0, spec.features), device=device)
+    return torch.cat(rows).float()
+
+
 def image_generator(seed: int, key: str) -> torch.Generator:
     """A generator seeded from ``seed`` and a stable key (an image path): the same image
     always yields the same validation windows, on any worker."""
@@ -451,6 +535,110 @@ def calibrate(
     return out
 
 
+def _with_anomalies(
+    feat: FeaturizerModule,
+    spec: ScorerSpec,
+    x: torch.Tensor,
+    images: Sequence[np.ndarray],
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normal rows x and the synthetic-anomaly rows of the images, with labels (0, 1)."""
+    bad = anomaly_rows(feat, spec, images, gen, donors=images).to(x.device)
+    y = torch.cat([torch.zeros(x.shape[0]), torch.ones(bad.shape[0])]).to(x.device)
+    return torch.cat([x, bad]), y
+
+
+@dataclass
+class StatisticChoice:
+    """What :func:`choose_image_score` measured and picked: the image AUROC of each
+    candidate (``neg_mean_k_lowest@K`` for each k tried) on held-out normal images against
+    synthetic-anomaly copies of them."""
+
+    image_score: ImageScore
+    chosen: str
+    aurocs: dict[str, float]
+    normal_images: int
+    anomalous_images: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "auroc_by_candidate": {k: round(v, 4) for k, v in self.aurocs.items()},
+            "normal_images": self.normal_images,
+            "anomalous_images": self.anomalous_images,
+        }
+
+
+CHOICE_TIE = 0.005
+"""AUROC difference under which :func:`choose_image_score` keeps the earlier candidate (the
+default statistic comes first)."""
+
+
+@torch.no_grad()
+def choose_image_score(
+    scorer: Scorer,
+    images: Iterable[np.ndarray],
+    *,
+    seed: int = 0,
+    copies: int = 2,
+    defects: DefectConfig | None = None,
+) -> StatisticChoice:
+    """Pick the image statistic on held-out normal images: each image is scored as it is and
+    as ``copies`` copies with one synthetic defect each (:mod:`flowcore.synthetic`, patches
+    cut from the previous image), and the candidate with the highest image AUROC of copies
+    against originals wins; within :data:`CHOICE_TIE` of the best, the earlier candidate
+    (the default, minus the mean of the k lowest windows at the geometry's k, comes first).
+    Candidates: ``neg_mean_k_lowest`` at k/4, k and 4k, then ``neg_p01``, ``neg_min``,
+    ``p50_minus_p01`` and ``neg_p05``. A two-sided score keeps its transform (set later by
+    :func:`calibrate`). Only per-image scalars are kept, so any number of images streams."""
+    rng = np.random.default_rng(seed)
+    base = scorer.image_score
+    geometry = scorer.geometry
+    names: list[str] = []
+    normal: dict[str, list[float]] = {}
+    bad: dict[str, list[float]] = {}
+    scores: dict[str, ImageScore] = {}
+    previous: np.ndarray | None = None
+    n_img = n_bad = 0
+
+    def stats(grid: torch.Tensor) -> dict[str, float]:
+        gh, gw = grid.shape[-2:]
+        if not scores:
+            k0 = base.k_for(gh, gw, geometry)
+            for k in dict.fromkeys((k0, max(1, k0 // 4), min(gh * gw, 4 * k0))):
+                scores[f"neg_mean_k_lowest@{k}"] = replace(
+                    base, statistic="neg_mean_k_lowest", k=k, centre=None, spread=None
+                )
+            for name in ("neg_p01", "neg_min", "p50_minus_p01", "neg_p05"):
+                scores[name] = replace(base, statistic=name, k=None, centre=None, spread=None)
+            names.extend(scores)
+        return {
+            name: float(summarize(grid, geometry, sc)["anomaly_score"][0])
+            for name, sc in scores.items()
+        }
+
+    for img in images:
+        img = np.asarray(img)
+        for name, v in stats(scorer.log_likelihood_grid(img[None])).items():
+            normal.setdefault(name, []).append(v)
+        n_img += 1
+        donor = previous if previous is not None and previous.shape == img.shape else None
+        for _ in range(copies):
+            copy_img, alpha = add_defect(img, rng, defects, donor=donor)
+            if not (alpha > 0.5).any():
+                continue
+            for name, v in stats(scorer.log_likelihood_grid(copy_img[None])).items():
+                bad.setdefault(name, []).append(v)
+            n_bad += 1
+        previous = img
+    if not n_img or not n_bad:
+        raise ValueError("choosing the image statistic needs at least one held-out image")
+    aurocs = {name: auroc(normal[name], bad[name]) for name in names}
+    best = max(v for v in aurocs.values() if math.isfinite(v))
+    chosen = next(n for n in names if math.isfinite(aurocs[n]) and aurocs[n] >= best - CHOICE_TIE)
+    return StatisticChoice(scores[chosen], chosen, aurocs, n_img, n_bad)
+
+
 def fit_scorer(
     train_images: Sequence[np.ndarray],
     val_images: Sequence[np.ndarray],
@@ -479,11 +667,19 @@ def fit_scorer(
         feat = fit_featurizer(spec, rows, backbone_state).to(device)
     x_train = feature_rows(feat, spec, train_images, spec.windows_per_image, gen)
     x_val = feature_rows(feat, spec, val_images, spec.windows_per_image, gen)
+    y_train = y_val = None
+    if spec.fit.synthetic_anomalies:
+        x_train, y_train = _with_anomalies(feat, spec, x_train, train_images, gen)
+        x_val, y_val = _with_anomalies(feat, spec, x_val, val_images, gen)
     torch.manual_seed(spec.seed)
     flow = build_flow(spec.features, spec.flow).to(device)
     fit_cfg = replace(spec.fit, seed=spec.seed)
-    result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch)
+    result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch, train_y=y_train, val_y=y_val)
     scorer = Scorer(feat, flow, flow_config=spec.flow, image_score=spec.image_score).eval()
+    choice = None
+    if spec.image_statistic == AUTO_STATISTIC:
+        choice = choose_image_score(scorer, val_images, seed=spec.seed)
+        scorer.image_score = choice.image_score
     cal = calibrate(
         scorer,
         val_images,
@@ -506,6 +702,8 @@ def fit_scorer(
         seconds=time.perf_counter() - t0,
     )
     scorer.training_stats = report.as_dict()
+    if choice is not None:
+        scorer.training_stats["image_statistic_choice"] = choice.as_dict()
     return scorer, report
 
 

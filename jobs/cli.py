@@ -586,8 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE.toml",
         help="override any spec field: top-level keys windows_per_image, basis_rows, "
-        "threshold_quantile, val_fraction, dequantize, seed, image_statistic, image_k, "
-        "defect_fraction, calibrate_by; tables [featurizer], [flow], [fit]",
+        "threshold_quantile, val_fraction, dequantize, seed, image_statistic (a statistic, "
+        'or "auto": chosen on held-out images and synthetic anomalies), image_k, '
+        "defect_fraction, calibrate_by; tables [featurizer], [flow], [fit] (there, "
+        "synthetic_anomalies = true trains on made-up defects too; synthetic_weight, "
+        "synthetic_margin, synthetic_rows tune it)",
     )
     t.add_argument(
         "--workers", type=_positive_int, default=1, help="Ray Train workers (default: 1)"

@@ -221,7 +221,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     import torch
 
     from flowcore.bundle import load_bundle, save_bundle
-    from flowcore.fit import calibrate, spec_to_dict
+    from flowcore.fit import AUTO_STATISTIC, calibrate, choose_image_score, spec_to_dict
     from flowcore.precision import check_precision
     from flowcore.scorer import Scorer
     from jobs.render import save_loss_curve, save_overlay
@@ -348,6 +348,18 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
         scorer = Scorer(
             featurizer, fit.flow, flow_config=spec.flow, image_score=spec.image_score
         ).eval()
+        choice = None
+        if spec.image_statistic == AUTO_STATISTIC:
+            log(
+                f"choosing the image statistic on the {len(val)} held-out images and "
+                "synthetic anomalies made from them"
+            )
+            choice = choose_image_score(
+                scorer, (img for _, img in iter_images(val)), seed=spec.seed
+            )
+            scorer.image_score = choice.image_score
+            table = ", ".join(f"{k} {v:.3f}" for k, v in choice.aurocs.items())
+            log(f"image statistic: {choice.chosen} (AUROC on synthetic anomalies: {table})")
         log(f"calibrating on the {len(val)} held-out images, scored whole")
         kept: list[tuple[str, np.ndarray]] = []
         column_of = {e.path: e.columns for e in val}
@@ -393,6 +405,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             "threshold": threshold,
             "heatmap_clip": list(clip),
             "precision_check": bf16.as_dict(),
+            **({"image_statistic_choice": choice.as_dict()} if choice is not None else {}),
             "workers": req.workers,
             "mlflow_run_id": run_id,
         }

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from flowcore.fit import (
     ScorerSpec,
+    anomaly_rows,
     basis_sample,
     feature_rows,
     fit_featurizer,
@@ -47,7 +48,9 @@ from flowcore.fit import (
 from flowcore.flows import Flow, build_flow
 from flowcore.scorer import FeaturizerModule
 from flowcore.training import (
+    Batch,
     EpochTracker,
+    held_out_objective,
     load_optimizer_tensors,
     nll_sums,
     optimizer_tensors,
@@ -136,19 +139,33 @@ def _feature_rows_task(
 ) -> dict[str, np.ndarray]:
     """Feature rows of each image: ``fresh`` draws new random positions on every call (the
     training set, a new sample each epoch); otherwise positions are seeded by the image path
-    (the validation set, identical every epoch and on every worker)."""
+    (the validation set, identical every epoch and on every worker). With synthetic
+    anomalies (``[fit] synthetic_anomalies``) each image adds the rows of its made-up
+    defects (patches cut from the batch's other images), and column ``y`` labels them 1."""
     spec = spec_from_dict(spec_d)
     torch.set_num_threads(1)
-    rows = []
-    for p, img in _decode_many(batch):
+    rows, labels = [], []
+    decoded = list(_decode_many(batch))
+    donors = [img for _, img in decoded]
+    for p, img in decoded:
         if fresh:
             gen = torch.Generator()
             gen.seed()
         else:
             gen = image_generator(spec.seed, "val:" + p)
-        rows.append(feature_rows(featurizer, spec, [img], per_image, gen))
+        normal = feature_rows(featurizer, spec, [img], per_image, gen).cpu()
+        rows.append(normal)
+        labels.append(torch.zeros(normal.shape[0]))
+        if spec.fit.synthetic_anomalies:
+            bad = anomaly_rows(featurizer, spec, [img], gen, donors=donors).cpu()
+            rows.append(bad)
+            labels.append(torch.ones(bad.shape[0]))
     x = torch.cat(rows).numpy() if rows else np.zeros((0, spec.features), np.float32)
-    return {"x": x.astype(np.float32, copy=False)}
+    out = {"x": x.astype(np.float32, copy=False)}
+    if spec.fit.synthetic_anomalies:
+        y = torch.cat(labels).numpy() if labels else np.zeros(0, np.float32)
+        out["y"] = y.astype(np.float32, copy=False)
+    return out
 
 
 def _dataset(entries: Sequence[ArchiveEntry]) -> Any:
@@ -234,10 +251,16 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def _nll_sums(flow: Flow, it: Any, device: torch.device) -> tuple[float, float]:
+def _rows(b: dict[str, torch.Tensor]) -> Batch:
+    """A Ray Data batch as the training functions take it: x, or (x, y) when labelled."""
+    return (b["x"], b["y"]) if "y" in b else b["x"]
+
+
+def _nll_sums(flow: Flow, it: Any, device: torch.device, margin: float) -> list[float]:
+    """This worker's (NLL sum, normal rows, hinge sum, anomaly rows) of its validation shard
+    (:func:`flowcore.training.nll_sums`), to be all-reduced."""
     batches = it.iter_torch_batches(batch_size=4096, dtypes=torch.float32, device=device)
-    total, count = nll_sums(flow, (b["x"] for b in batches))
-    return total, float(count)
+    return [float(v) for v in nll_sums(flow, (_rows(b) for b in batches), margin)]
 
 
 def _progress(config: dict[str, Any], line: str) -> None:
@@ -287,8 +310,10 @@ def train_loop(config: dict[str, Any]) -> None:
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val")
     if initial_val is None:
-        s, n = _allreduce(list(_nll_sums(flow, val_it, device)))
-        initial_val = s / max(1.0, n)
+        initial_val = held_out_objective(
+            _allreduce(_nll_sums(flow, val_it, device, cfg.synthetic_margin)),
+            cfg.synthetic_weight,
+        )
     per_batch = max(2, cfg.batch_size // world)
     fault = config.get("fault")
     stopped = bool(history) and tracker.should_stop
@@ -303,10 +328,13 @@ def train_loop(config: dict[str, Any]) -> None:
         batches = train_it.iter_torch_batches(
             batch_size=per_batch, dtypes=torch.float32, device=device
         )
-        total, count = train_batches(model, opt, (b["x"] for b in batches), cfg.clip_norm)
+        total, count = train_batches(model, opt, (_rows(b) for b in batches), cfg.clip_norm, cfg)
         t_sum, t_n = _allreduce([total, float(count)])
-        v_sum, v_n = _allreduce(list(_nll_sums(flow, val_it, device)))
-        train_nll, val_nll = t_sum / max(1.0, t_n), v_sum / max(1.0, v_n)
+        val_nll = held_out_objective(
+            _allreduce(_nll_sums(flow, val_it, device, cfg.synthetic_margin)),
+            cfg.synthetic_weight,
+        )
+        train_nll = t_sum / max(1.0, t_n)
         seconds = time.perf_counter() - t0
         is_best = tracker.end_epoch(epoch, train_nll, val_nll, seconds, t_n).is_best
         stopper = tracker.stopper

@@ -41,6 +41,12 @@ def _value(text: str) -> Any:
         return float(text)
 
 
+def _fit_value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return _value(text)
+
+
 def render_views(texture: str, seed: int) -> tuple[list, list, list[tuple[str, np.ndarray]]]:
     rng = np.random.default_rng(seed)
     train = [synth.render_texture(rng, texture=texture)[0] for _ in range(70)]
@@ -68,6 +74,14 @@ def main() -> None:
     ap.add_argument("texture", choices=synth.TEXTURES)
     ap.add_argument("--preset", default="grain-full", choices=sorted(PRESETS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--fit", action="append", default=[], metavar="KEY=VALUE", help="a [fit] setting"
+    )
+    ap.add_argument(
+        "--auto",
+        action="store_true",
+        help="image_statistic = auto: chosen on held-out views and synthetic anomalies",
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
@@ -78,8 +92,14 @@ def main() -> None:
     spec = replace(
         spec,
         featurizer=replace(spec.featurizer, **{k: _value(v) for k, v in changes.items()}),
-        fit=replace(spec.fit, max_epochs=args.epochs),
+        fit=replace(
+            spec.fit,
+            max_epochs=args.epochs,
+            **{k: _fit_value(v) for k, v in (kv.split("=", 1) for kv in args.fit)},
+        ),
     )
+    if args.auto:
+        spec = replace(spec, image_statistic="auto")
     train, val, test = render_views(args.texture, args.seed)
     state = None
     if isinstance(spec.featurizer, CNNConfig):
@@ -122,7 +142,12 @@ def main() -> None:
     stats["|grid mean - normal|"] = two_sided_mean(gt)
     stats["max(tail z, |mean z|)"] = np.maximum(tail, np.abs(mean_z))
     out: dict[str, dict[str, float]] = {}
-    print(f"{args.texture} {args.preset} {changes or ''} grid {gt.shape[1:]} fit {fit_s:.0f} s")
+    if "image_statistic_choice" in scorer.training_stats:
+        print("  auto:", scorer.training_stats["image_statistic_choice"])
+    print(
+        f"{args.texture} {args.preset} {changes or ''} {args.fit or ''} "
+        f"grid {gt.shape[1:]} fit {fit_s:.0f} s"
+    )
     for name, s in stats.items():
         row = {}
         for kind in KINDS:

@@ -158,10 +158,19 @@ def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     root, archive = trained
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = _config(root)
-    assert _train(str(archive), "grain-test", cfg, "--no-promote", "--max-epochs", "1") == 0
+    # the second version also trains on synthetic anomalies through Ray Train (rows labelled
+    # by the data tasks, the hinge in the workers) and picks its image statistic on them
+    cfg = root / "synthetic.toml"
+    cfg.write_text('image_statistic = "auto"\n' + TINY + "synthetic_anomalies = true\n")
+    assert _train(str(archive), "grain-test", cfg, "--no-promote", "--max-epochs", "2") == 0
     assert tracking.resolve_model("models:/grain-test@champion").version == "1"
-    assert tracking.resolve_model("models:/grain-test/2").version == "2"
+    second = tracking.resolve_model("models:/grain-test/2")
+    assert second.version == "2"
+    stats = load_bundle(second.path).training_stats
+    assert stats["spec"]["fit"]["synthetic_anomalies"] is True
+    choice = stats["image_statistic_choice"]
+    assert choice["chosen"] in choice["auroc_by_candidate"] and choice["anomalous_images"] > 0
+    assert np.isfinite(stats["best_val_nll"])
 
 
 @pytest.mark.ray
