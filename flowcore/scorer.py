@@ -83,6 +83,20 @@ class ScoredBatch:
     threshold_source: list[str] | None = None
 
 
+CPU_CHUNK_ROWS = 4096
+"""Rows per flow call on a CPU (the activations of a chunk stay in cache)."""
+GPU_MAX_CHUNK_ROWS = 1 << 20
+"""Most rows per flow call on a GPU."""
+
+
+def _hidden_widths(cfg: FlowConfig, d: int) -> list[int]:
+    """The hidden layer widths of a flow config on d features (for sizing chunks)."""
+    if hasattr(cfg, "hidden_factor"):
+        return [int(cfg.hidden_factor) * d]
+    hidden = getattr(cfg, "hidden", ())
+    return [hidden] if isinstance(hidden, int) else list(hidden or ())
+
+
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 """Arithmetic of the featurizer (:meth:`Scorer.set_precision`)."""
 
@@ -291,7 +305,7 @@ class Scorer(nn.Module):
         heatmap_clip: tuple[float, float] | None = None,
         image_score: ImageScore | None = None,
         calibration: Calibration | None = None,
-        chunk_rows: int = 4096,
+        chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.featurizer: FeaturizerModule = featurizer
@@ -300,7 +314,9 @@ class Scorer(nn.Module):
         self.heatmap_clip = heatmap_clip
         self.image_score = image_score or ImageScore()
         self.calibration = calibration
+        # rows per flow call; None: by device (CPU_CHUNK_ROWS, or from a GPU's free memory)
         self.chunk_rows = chunk_rows
+        self._staging: tuple[Tensor, torch.cuda.Event | None] | None = None
         self.precision = "fp32"  # set_precision
         # the precisions this model passed the accuracy gates in (flowcore.precision), stored
         # in the bundle; "auto" picks bf16 only where it is listed
@@ -318,7 +334,48 @@ class Scorer(nn.Module):
 
     def features(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
         """(N, H, W, 3) uint8 -> (N, D, gh, gw) feature grid."""
-        return self.featurizer(to_tensor(images, self.device))
+        return self.featurizer(self._upload(images))
+
+    def _upload(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
+        """Images -> (N, 3, H, W) float in [0, 1] on the device. To a GPU, the uint8 pixels go
+        through a reused page-locked staging buffer and an asynchronous copy: measured on an
+        H200, 64 images of 460×640 upload in 1.0 ms from page-locked memory against 18 ms
+        from ordinary memory (the README's GPU section)."""
+        dev = self.device
+        if dev.type != "cuda" or isinstance(images, Tensor):
+            return to_tensor(images, dev)
+        host = np.ascontiguousarray(
+            np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+        )
+        if host.ndim != 4 or host.shape[-1] != 3 or host.dtype != np.uint8:
+            return to_tensor(host, dev)
+        if self._staging is None or self._staging[0].numel() < host.size:
+            self._staging = (torch.empty(host.size, dtype=torch.uint8).pin_memory(), None)
+        buf, done = self._staging
+        if done is not None:
+            done.synchronize()  # the previous copy out of the buffer has finished
+        view = buf[: host.size].view(host.shape)
+        view.numpy()[...] = host
+        on_device = view.to(dev, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._staging = (buf, event)
+        return to_tensor(on_device, dev)
+
+    def flow_chunk_rows(self) -> int:
+        """Rows per flow call: ``chunk_rows`` when set; on a CPU :data:`CPU_CHUNK_ROWS` (cache
+        sized); on a GPU as many as a quarter of its free memory holds (measured on an H200:
+        grain-full 460 images/s at 4,096 rows a call, 1,890 at 1 M; launch overhead)."""
+        if self.chunk_rows:
+            return self.chunk_rows
+        dev = self.device
+        if dev.type != "cuda":
+            return CPU_CHUNK_ROWS
+        free, _ = torch.cuda.mem_get_info(dev)
+        d = int(getattr(self.featurizer.cfg, "features", 128))
+        widest = max([d, *(int(h) for h in _hidden_widths(self.flow_config, d))])
+        per_row = 4 * 8 * (d + widest)  # float32 activations, with room for temporaries
+        return int(min(GPU_MAX_CHUNK_ROWS, max(CPU_CHUNK_ROWS, free // 4 // per_row)))
 
     def set_precision(self, precision: str) -> None:
         """``"fp32"`` (default) or ``"bf16"``: the featurizer's projection (window models) or
@@ -339,7 +396,7 @@ class Scorer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """(N, H, W, 3) uint8 -> the (N, D, gh, gw) features the flow sees and the (N, gh, gw)
         window log-likelihoods (the flow's, plus the residual of a residual window model)."""
-        x = to_tensor(images, self.device)
+        x = self._upload(images)
         if isinstance(self.featurizer, WindowFeaturizer | MultiScaleFeaturizer):
             feats, extra = self.featurizer.featurize(x)
         elif self.precision == "bf16":
@@ -357,7 +414,7 @@ class Scorer(nn.Module):
         a residual window model's extra term: use :meth:`features_and_grid` for the density."""
         n, d, gh, gw = feats.shape
         rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
-        ll = torch.cat([self.flow.log_prob(c) for c in rows.split(self.chunk_rows)])
+        ll = torch.cat([self.flow.log_prob(c) for c in rows.split(self.flow_chunk_rows())])
         return ll.view(n, gh, gw)
 
     def log_likelihood_grid(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
