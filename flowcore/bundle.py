@@ -29,6 +29,7 @@ from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
 from .scorer import (
     LEGACY_IMAGE_SCORE,
     PRECISIONS,
+    TRANSFORMS,
     Calibration,
     FeaturizerModule,
     ImageScore,
@@ -93,6 +94,7 @@ def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | Non
         "image_score": scorer.image_score.as_dict(),
         "calibration": scorer.calibration.as_dict() if scorer.calibration else None,
         "validated_precisions": list(scorer.validated_precisions),
+        "test_transforms": scorer.transforms,
         "training": training or {},
         "versions": _versions(),
     }
@@ -209,6 +211,16 @@ def _precisions_from_meta(d: Any, where: str) -> tuple[str, ...]:
     return tuple(d)
 
 
+def _transforms_from_meta(d: Any, where: str) -> int:
+    """How many test-time transforms the threshold was calibrated with (1: none; bundles
+    from before them have no key)."""
+    if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= len(TRANSFORMS):
+        raise BundleError(
+            f"{where}: test_transforms must be an integer in [1, {len(TRANSFORMS)}], got {d!r}"
+        )
+    return d
+
+
 def _calibration_from_meta(d: Any, where: str) -> Calibration | None:
     if d is None:
         return None
@@ -312,6 +324,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     scorer.validated_precisions = _precisions_from_meta(
         meta.get("validated_precisions"), str(meta_path)
     )
+    scorer.transforms = _transforms_from_meta(meta.get("test_transforms", 1), str(meta_path))
     # names, shapes and dtypes from the safetensors header (no tensor data read yet)
     expected = scorer.state_dict()
     header = _header(weights_path)

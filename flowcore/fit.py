@@ -48,7 +48,15 @@ from .flows import (
     flow_config_to_dict,
 )
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer, fit_multiscale
-from .scorer import STATISTICS, Calibration, FeaturizerModule, ImageScore, Scorer, summarize
+from .scorer import (
+    STATISTICS,
+    TRANSFORMS,
+    Calibration,
+    FeaturizerModule,
+    ImageScore,
+    Scorer,
+    summarize,
+)
 from .synthetic import DefectConfig, add_defect, auroc, defect_cells
 from .training import EpochStats, FitConfig, fit_flow
 from .windows import (
@@ -78,6 +86,7 @@ __all__ = [
     "Calibrated",
     "StatisticChoice",
     "choose_image_score",
+    "choice_copies",
     "AUTO_STATISTIC",
     "MIN_GROUP_IMAGES",
     "ConfigError",
@@ -123,6 +132,10 @@ class ScorerSpec:
     defect_fraction: float = 0.001
     image_two_sided: bool = False
     calibrate_by: str = ""
+    test_transforms: int = 1
+    """Score every image under this many test-time transforms and average the window
+    log-likelihoods (:data:`flowcore.scorer.TRANSFORMS`, DifferNet); the threshold is
+    calibrated with them. N times the scoring cost."""
 
     def __post_init__(self) -> None:
         if self.windows_per_image < 1 or self.basis_rows < 2:
@@ -135,6 +148,8 @@ class ScorerSpec:
             raise ValueError(
                 f"image_statistic must be one of {', '.join(STATISTICS)} or {AUTO_STATISTIC}"
             )
+        if not 1 <= self.test_transforms <= len(TRANSFORMS):
+            raise ValueError(f"test_transforms must be in [1, {len(TRANSFORMS)}]")
         if self.image_k < 0:
             raise ValueError("image_k must be >= 0 (0: from the geometry and defect_fraction)")
         _ = self.image_score  # validates k and defect_fraction
@@ -569,6 +584,17 @@ class StatisticChoice:
         }
 
 
+CHOICE_ANOMALIES = 32
+"""Synthetic-anomaly images :func:`choice_copies` aims for (2 to 8 copies per image)."""
+
+
+def choice_copies(held_out: int) -> int:
+    """Copies per held-out image for :func:`choose_image_score`: enough for about
+    :data:`CHOICE_ANOMALIES` anomalous images (a handful of held-out images alone would
+    decide the statistic by noise), 2 to 8."""
+    return max(2, min(8, -(-CHOICE_ANOMALIES // max(1, held_out))))
+
+
 CHOICE_TIE = 0.005
 """AUROC difference under which :func:`choose_image_score` keeps the earlier candidate (the
 default statistic comes first)."""
@@ -676,9 +702,12 @@ def fit_scorer(
     fit_cfg = replace(spec.fit, seed=spec.seed)
     result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch, train_y=y_train, val_y=y_val)
     scorer = Scorer(feat, flow, flow_config=spec.flow, image_score=spec.image_score).eval()
+    scorer.transforms = spec.test_transforms
     choice = None
     if spec.image_statistic == AUTO_STATISTIC:
-        choice = choose_image_score(scorer, val_images, seed=spec.seed)
+        choice = choose_image_score(
+            scorer, val_images, seed=spec.seed, copies=choice_copies(len(val_images))
+        )
         scorer.image_score = choice.image_score
     cal = calibrate(
         scorer,
@@ -732,6 +761,7 @@ _SCALARS = (
     "defect_fraction",
     "image_two_sided",
     "calibrate_by",
+    "test_transforms",
 )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "STATISTICS",
     "PRECISIONS",
+    "TRANSFORMS",
     "resolve_precision",
     "ImageScore",
     "Calibration",
@@ -95,6 +96,55 @@ def _hidden_widths(cfg: FlowConfig, d: int) -> list[int]:
         return [int(cfg.hidden_factor) * d]
     hidden = getattr(cfg, "hidden", ())
     return [hidden] if isinstance(hidden, int) else list(hidden or ())
+
+
+TRANSFORMS: tuple[str, ...] = (
+    "identity",
+    "hflip",
+    "vflip",
+    "rot180",
+    "brighter",
+    "darker",
+    "rot90",
+    "rot270",
+)
+"""Test-time transforms (DifferNet), in the order ``Scorer.transforms = N`` takes the first N
+of: flips and turns are undone on the grid before averaging; brighter / darker scale the
+pixel values by 1.04 / 0.96."""
+
+
+def _transform(name: str, x: Tensor) -> Tensor:
+    """A test-time transform of (N, H, W, 3) uint8 images."""
+    if name == "hflip":
+        return x.flip(2)
+    if name == "vflip":
+        return x.flip(1)
+    if name == "rot180":
+        return x.flip(1, 2)
+    if name in ("brighter", "darker"):
+        gain = 1.04 if name == "brighter" else 0.96
+        return (x.float() * gain).round_().clamp_(0, 255).to(torch.uint8)
+    if name == "rot90":
+        return x.rot90(1, (1, 2))
+    if name == "rot270":
+        return x.rot90(-1, (1, 2))
+    return x
+
+
+def _untransform(name: str, grid: Tensor) -> Tensor:
+    """A (N, gh, gw) grid of transformed images back in the original images' layout (cells
+    align within a stride: a flipped sweep starts at the other edge)."""
+    if name == "hflip":
+        return grid.flip(2)
+    if name == "vflip":
+        return grid.flip(1)
+    if name == "rot180":
+        return grid.flip(1, 2)
+    if name == "rot90":
+        return grid.rot90(-1, (1, 2))
+    if name == "rot270":
+        return grid.rot90(1, (1, 2))
+    return grid
 
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -322,6 +372,9 @@ class Scorer(nn.Module):
         # in the bundle; "auto" picks bf16 only where it is listed
         self.validated_precisions: tuple[str, ...] = ("fp32",)
         self.flow_config: FlowConfig = flow_config or MAFConfig()
+        # test-time transforms averaged per window (the first N of TRANSFORMS); stored in
+        # the bundle: the threshold was calibrated with them
+        self.transforms = 1
         self.training_stats: dict[str, object] = {}
 
     @property
@@ -418,10 +471,32 @@ class Scorer(nn.Module):
         return ll.view(n, gh, gw)
 
     def log_likelihood_grid(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
-        """RGB uint8 images (N, H, W, 3) -> (N, gh, gw) float32 window log-likelihoods."""
+        """RGB uint8 images (N, H, W, 3) -> (N, gh, gw) float32 window log-likelihoods; with
+        ``transforms`` > 1, the mean over that many :data:`TRANSFORMS` of the images (each
+        grid put back in the original layout), at that many times the cost."""
         self.eval()
         with torch.inference_mode():
-            return self.features_and_grid(images)[1]
+            if self.transforms <= 1:
+                return self.features_and_grid(images)[1]
+            if self.transforms > len(TRANSFORMS):
+                raise ValueError(f"at most {len(TRANSFORMS)} test-time transforms")
+            x = self._upload_uint8(images)
+            total: Tensor | None = None
+            for name in TRANSFORMS[: self.transforms]:
+                g = _untransform(name, self.features_and_grid(_transform(name, x))[1])
+                if total is not None and g.shape != total.shape:  # odd sizes after a turn
+                    h, w = min(g.shape[1], total.shape[1]), min(g.shape[2], total.shape[2])
+                    g, total = g[:, :h, :w], total[:, :h, :w]
+                total = g if total is None else total + g
+            assert total is not None
+            return total / self.transforms
+
+    def _upload_uint8(self, images: np.ndarray | Tensor | Sequence[np.ndarray]) -> Tensor:
+        """(N, H, W, 3) uint8 images on the device, unconverted (for test-time transforms)."""
+        if isinstance(images, Tensor):
+            return images.to(self.device)
+        host = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
+        return torch.as_tensor(np.ascontiguousarray(host)).to(self.device)
 
     def summarize(self, grid: Tensor) -> dict[str, Tensor]:
         """The per-image summary of a grid, with this model's image statistic."""

@@ -361,6 +361,7 @@ def run_bench(
     ray_address: str | None = None,
     memory_images: int = 0,
     bf16: bool = True,
+    transforms: int | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Measure and return the bench object of DESIGN.md. With ``bf16`` and bf16 matrix
@@ -369,9 +370,12 @@ def run_bench(
     if threads:
         torch.set_num_threads(threads)
     scorer = (model or random_scorer(preset)).to(device).eval()
+    if transforms is not None:
+        scorer.transforms = transforms
     cfg = scorer.featurizer.cfg
     fl = flops_per_image(scorer, height, width)
-    gflop = fl["total"] / 1e9
+    # every test-time transform is one more pass of the image (flips and turns: same FLOPs)
+    gflop = fl["total"] * scorer.transforms / 1e9
     log(
         f"bench: {preset if model is None else 'model'} on {device}, "
         f"{torch.get_num_threads()} threads, {images} images {height}×{width}"
@@ -416,6 +420,7 @@ def run_bench(
         "flow": type(scorer.flow_config).__name__.removesuffix("Config").lower(),
         "threads": torch.get_num_threads(),
         "device": device if device == "cpu" else f"{device} ({gpu_name})",
+        "test_transforms": scorer.transforms,
         "gflop_per_image": round(gflop, 4),
         "gflop_projection": round(fl["projection"] / 1e9, 4),
         "gflop_flow": round(fl["flow"] / 1e9, 4),
@@ -527,7 +532,12 @@ def format_table(r: dict[str, Any]) -> str:
         ("device, threads", f"{r['device']}, {r['threads']}"),
         (
             "GFLOP per image",
-            f"{r['gflop_per_image']} (projection {r['gflop_projection']}, flow {r['gflop_flow']})",
+            f"{r['gflop_per_image']} (projection {r['gflop_projection']}, flow {r['gflop_flow']}"
+            + (
+                f"; × {r['test_transforms']} test-time transforms)"
+                if r["test_transforms"] > 1
+                else ")"
+            ),
         ),
         ("fp32 matmul GFLOP/s", f"{r['gemm_gflops']}"),
         ("JPEG decode ms/image", f"{r['decode_ms_per_image']}"),

@@ -125,6 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         memory_images=args.memory_images if args.memory else 0,
         bf16=not args.no_bf16,
+        transforms=args.test_transforms,
         log=log,
     )
     print(format_table(result))
@@ -230,6 +231,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         only=_only(args.only),
         precision=args.precision,
+        transforms=args.test_transforms,
     )
     try:
         out = run_score(req, stderr_log(args.quiet))
@@ -387,6 +389,16 @@ def _positive_float(text: str) -> float:
 
 _non_negative_int = _int_at_least(0)
 
+MAX_TRANSFORMS = 8  # len(flowcore.scorer.TRANSFORMS); --help must not import torch
+
+
+def _transforms_count(text: str) -> int:
+    """An argparse type: a number of test-time transforms, 1 to :data:`MAX_TRANSFORMS`."""
+    v = _positive_int(text)
+    if v > MAX_TRANSFORMS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TRANSFORMS} test-time transforms")
+    return v
+
 
 _S3_HELP = (
     "S3 (archive and s3:// warehouse): requests time out after "
@@ -464,6 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model shapes to measure (default: %(default)s)",
     )
     b.add_argument("--model", help="a local bundle directory to measure instead of a preset")
+    b.add_argument(
+        "--test-transforms",
+        type=_transforms_count,
+        metavar="N",
+        help="score each image under N test-time transforms (the cost of score "
+        "--test-transforms N; default: the model's own, 1 for a preset)",
+    )
     b.add_argument(
         "--images",
         type=_positive_int,
@@ -743,6 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
         "log-likelihoods within 0.04 nats at the median, 0.6 at the 99th percentile); auto = "
         "bf16 where the model passed the precision gates at training (its bundle says so) "
         "and the device has bf16 units, else fp32 (default: %(default)s)",
+    )
+    sc.add_argument(
+        "--test-transforms",
+        type=_transforms_count,
+        metavar="N",
+        help="score each image under N test-time transforms (identity, flips, 180° turn, "
+        "brighter, darker, 90° turns: the first N) and average the window "
+        "log-likelihoods, at N times the cost (default: the model's own, set at training "
+        "by test_transforms; its threshold was calibrated with that many)",
     )
     sc.add_argument(
         "--only",

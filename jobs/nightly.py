@@ -66,6 +66,7 @@ class JobSpec:
     commit_every: int = 5000
     max_error_rate: float = 0.05
     precision: str = "fp32"
+    test_transforms: int | None = None
     maintain_every_s: float | None = None
     maintain: MaintainPolicy = field(default_factory=MaintainPolicy)
 
@@ -79,6 +80,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "commit_every": (int,),
         "max_error_rate": (float, int),
         "precision": (str,),
+        "test_transforms": (int,),
     },
     "maintain": {
         "every": (str,),
@@ -161,6 +163,10 @@ def load_job(path: str | Path) -> JobSpec:
     if spec.precision not in ("fp32", "bf16", "auto"):
         raise JobUsageError(
             f"{p}: score.precision must be fp32, bf16 or auto, got {spec.precision!r}"
+        )
+    if spec.test_transforms is not None and not 1 <= spec.test_transforms <= 8:
+        raise JobUsageError(
+            f"{p}: score.test_transforms must be in [1, 8], got {spec.test_transforms}"
         )
     return spec
 
@@ -292,6 +298,7 @@ def run_job(
                     validated_precisions=validated,
                     fence=lock.check,
                     precision=spec.precision,
+                    transforms=spec.test_transforms,
                 ),
                 log,
             )

@@ -77,6 +77,8 @@ class ScoreRequest:
     todo: tuple[Any, ...] | None = None
     # the featurizer's arithmetic: fp32, bf16 or auto (flowcore.scorer.resolve_precision)
     precision: str = "fp32"
+    # test-time transforms per image (flowcore.scorer.TRANSFORMS); None: the model's own
+    transforms: int | None = None
     # called right before each commit; raises to stop the run (the nightly job's lock
     # fencing, pipelines.lock.JobLock.check)
     fence: Callable[[], None] | None = None
@@ -266,6 +268,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 batch_size=req.batch_size,
                 max_bytes=max_bytes,
                 precision=precision,
+                transforms=req.transforms,
                 pid_dir=os.environ.get("FLOWSCORE_TEST_ACTOR_PID_DIR") or None,
             )
             commits = -(-len(todo) // req.commit_every)
@@ -274,6 +277,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 f"{req.commit_every} on {req.actors} actor(s) × ({plan.cpus_per_worker:g} "
                 f"{'GPU' if req.use_gpu else 'CPU'}, {threads} torch thread(s))"
                 + (f", featurizer in {precision}" if precision != "fp32" else "")
+                + (f", {req.transforms} test-time transform(s)" if req.transforms else "")
             )
             scores_schema = tables.image_scores_arrow_schema(path_columns)
             t_score = time.perf_counter()

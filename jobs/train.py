@@ -221,7 +221,13 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     import torch
 
     from flowcore.bundle import load_bundle, save_bundle
-    from flowcore.fit import AUTO_STATISTIC, calibrate, choose_image_score, spec_to_dict
+    from flowcore.fit import (
+        AUTO_STATISTIC,
+        calibrate,
+        choice_copies,
+        choose_image_score,
+        spec_to_dict,
+    )
     from flowcore.precision import check_precision
     from flowcore.scorer import Scorer
     from jobs.render import save_loss_curve, save_overlay
@@ -348,6 +354,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
         scorer = Scorer(
             featurizer, fit.flow, flow_config=spec.flow, image_score=spec.image_score
         ).eval()
+        scorer.transforms = spec.test_transforms
         choice = None
         if spec.image_statistic == AUTO_STATISTIC:
             log(
@@ -355,7 +362,10 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
                 "synthetic anomalies made from them"
             )
             choice = choose_image_score(
-                scorer, (img for _, img in iter_images(val)), seed=spec.seed
+                scorer,
+                (img for _, img in iter_images(val)),
+                seed=spec.seed,
+                copies=choice_copies(len(val)),
             )
             scorer.image_score = choice.image_score
             table = ", ".join(f"{k} {v:.3f}" for k, v in choice.aurocs.items())

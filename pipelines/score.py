@@ -89,6 +89,7 @@ class ScoreConfig:
     max_pixels: int = 100_000_000
     max_bytes: int = 256 * 2**20  # files above it are not read (FLOWSCORE_MAX_FILE_MB)
     precision: str = "fp32"  # the featurizer's arithmetic (Scorer.set_precision)
+    transforms: int | None = None  # test-time transforms (None: the model's own)
     pid_dir: str | None = None  # test hook: each actor leaves a file named by its pid
 
 
@@ -191,6 +192,8 @@ class ScorerActor:
         self.cfg = cfg
         self.scorer = load_bundle(cfg.bundle_path, device=cfg.device)
         self.scorer.set_precision(cfg.precision)
+        if cfg.transforms is not None:
+            self.scorer.transforms = cfg.transforms
         self.geometry = self.scorer.geometry
         if cfg.pid_dir:
             import os

@@ -99,3 +99,21 @@ def test_not_a_bundle(tmp_path) -> None:
     (tmp_path / "x" / "flowscore.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         load_bundle(tmp_path / "x")
+
+
+def test_test_time_transforms_round_trip_and_are_checked(small_scorer, tmp_path) -> None:
+    try:
+        small_scorer.transforms = 4
+        d = save_bundle(small_scorer, tmp_path / "b")
+    finally:
+        small_scorer.transforms = 1
+    assert load_bundle(d).transforms == 4
+    meta = json.loads((d / "flowscore.json").read_text())
+    for bad in (0, 9, "4", True):
+        meta["test_transforms"] = bad
+        (d / "flowscore.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match="test_transforms"):
+            load_bundle(d)
+    del meta["test_transforms"]  # bundles from before them: none
+    (d / "flowscore.json").write_text(json.dumps(meta))
+    assert load_bundle(d).transforms == 1

@@ -10,11 +10,13 @@ import sys
 import pytest
 
 from flowcore.fit import PRESETS
-from jobs.cli import PRESET_NAMES, main
+from flowcore.scorer import TRANSFORMS
+from jobs.cli import MAX_TRANSFORMS, PRESET_NAMES, main
 
 
 def test_preset_names_match_flowcore() -> None:
     assert tuple(PRESETS) == PRESET_NAMES
+    assert len(TRANSFORMS) == MAX_TRANSFORMS
 
 
 def test_help_is_fast_and_imports_no_torch() -> None:

@@ -16,6 +16,7 @@ from conftest import check_exactly_once, read_table, write_job
 
 from flowcore.bundle import save_bundle
 from jobs.cli import main
+from jobs.nightly import JobUsageError, load_job
 from pipelines import tables
 from pipelines.lock import JobLock
 from pipelines.synth import write_archive
@@ -293,3 +294,16 @@ def test_errors_are_per_model_version_read_errors_retried_and_cleared_when_score
         assert sorted(keys("scoring_errors", v) + keys("image_scores", v)) == listed
     errors = {r["image_uri"]: r for r in read_table("scoring_errors").to_pylist()}
     assert errors[broken[0][0]]["retryable"] is False
+
+
+def test_job_spec_test_time_transforms_are_checked(tmp_path):
+    p = tmp_path / "j.toml"
+    base = '[job]\nname = "j"\narchive = "a"\nmodel = "m"\n[score]\n'
+    p.write_text(base + "test_transforms = 4\n")
+    assert load_job(p).test_transforms == 4
+    p.write_text(base)
+    assert load_job(p).test_transforms is None  # the model's own
+    for bad in ("0", "9", '"4"'):
+        p.write_text(base + f"test_transforms = {bad}\n")
+        with pytest.raises(JobUsageError, match="test_transforms"):
+            load_job(p)

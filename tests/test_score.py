@@ -170,7 +170,7 @@ def test_score_local_archive_with_bad_files(
 
 
 @pytest.mark.s3
-def test_score_from_s3(ray_session, s3_server, tmp_path, monkeypatch, bundle):
+def test_score_from_s3(ray_session, s3_server, tmp_path, monkeypatch, bundle, small_scorer):
     from conftest import make_bucket
 
     monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
@@ -182,13 +182,27 @@ def test_score_from_s3(ray_session, s3_server, tmp_path, monkeypatch, bundle):
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     fs.put(str(local) + "/", "score-archive/factory/", recursive=True)
-    assert _score("s3://score-archive/factory", bundle, "--quiet") == 0
+    # scored under 3 test-time transforms by the actors
+    assert _score("s3://score-archive/factory", bundle, "--quiet", "--test-transforms", "3") == 0
     scores = _read("image_scores")
     uris = sorted(scores.column("image_uri").to_pylist())
     assert len(uris) == 8 and all(u.startswith("s3://score-archive/factory/") for u in uris)
     etags = set(scores.column("etag").to_pylist())
     listed = {e.etag for e in list_archive("s3://score-archive/factory")}
     assert etags == listed
+    row = next(r for r in scores.to_pylist() if r["image_uri"] == uris[0])
+    img = decode_image(read_bytes(str(local / uris[0].split("/factory/", 1)[1]))).rgb
+    try:
+        small_scorer.transforms = 3
+        want = small_scorer.score(img[None]).grid[0]
+    finally:
+        small_scorer.transforms = 1
+    np.testing.assert_allclose(
+        np.asarray(row["heatmap"], np.float32).reshape(row["grid_h"], row["grid_w"]),
+        want,
+        rtol=1e-4,
+        atol=1e-3,
+    )
 
 
 def _summaries(t: pa.Table) -> dict[str, tuple]:

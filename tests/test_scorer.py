@@ -131,3 +131,65 @@ def test_scorer_on_cuda_matches_cpu(small_scorer) -> None:
     finally:
         small_scorer.to("cpu")
     np.testing.assert_allclose(cpu.grid, gpu.grid, rtol=1e-3, atol=1e-2)
+
+
+def _by_hand(scorer, x: np.ndarray, names: tuple[str, ...]) -> torch.Tensor:
+    """Mean grid over test-time transforms, each undone on the grid, computed here."""
+    t = torch.from_numpy(x)
+    ops = {
+        "identity": (lambda a: a, lambda g: g),
+        "hflip": (lambda a: a.flip(2), lambda g: g.flip(2)),
+        "vflip": (lambda a: a.flip(1), lambda g: g.flip(1)),
+        "rot180": (lambda a: a.flip(1, 2), lambda g: g.flip(1, 2)),
+        "brighter": (
+            lambda a: (a.float() * 1.04).round().clamp(0, 255).to(torch.uint8),
+            lambda g: g,
+        ),
+    }
+    scorer.transforms = 1
+    grids = [scorer.log_likelihood_grid(ops[n][0](t).numpy()) for n in names]
+    grids = [ops[n][1](g) for n, g in zip(names, grids, strict=True)]
+    return torch.stack(grids).mean(0)
+
+
+def test_test_time_transforms_average_the_undone_grids(small_scorer) -> None:
+    x = np.stack(texture(3, 48, 64, 9))
+    try:
+        small_scorer.transforms = 5
+        got = small_scorer.log_likelihood_grid(x)
+        want = _by_hand(small_scorer, x, ("identity", "hflip", "vflip", "rot180", "brighter"))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        # the 90° turns of a non-square image come back in its own layout
+        small_scorer.transforms = 8
+        grid8 = small_scorer.log_likelihood_grid(x)
+        small_scorer.transforms = 1
+        plain = small_scorer.log_likelihood_grid(x)
+        assert grid8.shape == plain.shape and torch.isfinite(grid8).all()
+        assert not torch.allclose(grid8, plain)
+        # the summary and flags follow the averaged grid
+        small_scorer.transforms = 5
+        sb = small_scorer.score(x)
+        np.testing.assert_allclose(sb.grid, got.numpy(), rtol=1e-5, atol=1e-4)
+    finally:
+        small_scorer.transforms = 1
+
+
+def test_threshold_is_calibrated_with_the_models_test_time_transforms() -> None:
+    spec = ScorerSpec(
+        featurizer=WindowConfig(window=6, stride=3, components=8),
+        flow=MAFConfig(blocks=1, hidden=16),
+        fit=FitConfig(max_epochs=2),
+        windows_per_image=50,
+        basis_rows=500,
+        test_transforms=3,
+    )
+    train, val = texture(4, 30, 30, 1), texture(3, 30, 30, 2)
+    scorer, rep = fit_scorer(train, val, spec)
+    assert scorer.transforms == 3
+    scores = scorer.score(np.stack(val)).summary["anomaly_score"]
+    assert rep.threshold == pytest.approx(float(np.quantile(scores, 0.99)), rel=1e-5)
+    scorer.transforms = 1
+    plain = scorer.score(np.stack(val)).summary["anomaly_score"]
+    assert not np.allclose(plain, scores)
+    with pytest.raises(ValueError, match="test_transforms"):
+        ScorerSpec(featurizer=WindowConfig(), test_transforms=9)
