@@ -701,7 +701,7 @@ def fit_scorer(
     flow = build_flow(spec.features, spec.flow).to(device)
     fit_cfg = replace(spec.fit, seed=spec.seed)
     result = fit_flow(flow, x_train, x_val, fit_cfg, on_epoch, train_y=y_train, val_y=y_val)
-    scorer = Scorer(feat, flow, flow_config=spec.flow, image_score=spec.image_score).eval()
+    scorer = Scorer(feat, flow, image_score=spec.image_score).eval()
     scorer.transforms = spec.test_transforms
     choice = None
     if spec.image_statistic == AUTO_STATISTIC:

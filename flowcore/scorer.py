@@ -371,7 +371,11 @@ class Scorer(nn.Module):
         # the precisions this model passed the accuracy gates in (flowcore.precision), stored
         # in the bundle; "auto" picks bf16 only where it is listed
         self.validated_precisions: tuple[str, ...] = ("fp32",)
-        self.flow_config: FlowConfig = flow_config or MAFConfig()
+        # the flow's config: given, else the one build_flow recorded on the flow
+        built = getattr(flow, "config", None)
+        self.flow_config: FlowConfig = flow_config or (
+            built if isinstance(built, FlowConfig) else MAFConfig()
+        )
         # test-time transforms averaged per window (the first N of TRANSFORMS); stored in
         # the bundle: the threshold was calibrated with them
         self.transforms = 1

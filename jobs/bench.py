@@ -89,7 +89,6 @@ def random_scorer(preset: str, seed: int = 0) -> Scorer:
     return Scorer(
         feat,
         build_flow(cfg.features, spec.flow),
-        flow_config=spec.flow,
         image_score=spec.image_score,
     ).eval()
 

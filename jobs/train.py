@@ -338,7 +338,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             from flowcore.flows import build_flow
 
             stub = build_flow(spec.features, spec.flow)
-            save_bundle(Scorer(featurizer, stub, flow_config=spec.flow), feat_dir)
+            save_bundle(Scorer(featurizer, stub), feat_dir)
         fit = train_flow_on_ray(
             spec,
             featurizer,
@@ -351,9 +351,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             fault=_fault(),
             log=log,
         )
-        scorer = Scorer(
-            featurizer, fit.flow, flow_config=spec.flow, image_score=spec.image_score
-        ).eval()
+        scorer = Scorer(featurizer, fit.flow, image_score=spec.image_score).eval()
         scorer.transforms = spec.test_transforms
         choice = None
         if spec.image_statistic == AUTO_STATISTIC:

@@ -42,8 +42,6 @@ from flowcore.fit import (
     fit_featurizer,
     image_generator,
     init_featurizer,
-    spec_from_dict,
-    spec_to_dict,
 )
 from flowcore.flows import Flow, build_flow
 from flowcore.scorer import FeaturizerModule
@@ -114,11 +112,10 @@ def _decode_many(batch: dict[str, np.ndarray]) -> Iterator[tuple[str, np.ndarray
 
 def _basis_rows_task(
     batch: dict[str, np.ndarray],
-    spec_d: dict[str, Any],
+    spec: ScorerSpec,
     per_image: int,
     backbone_state: dict[str, torch.Tensor] | None,
 ) -> dict[str, np.ndarray]:
-    spec = spec_from_dict(spec_d)
     torch.set_num_threads(1)
     base = init_featurizer(spec, backbone_state=backbone_state)
     rows = [
@@ -132,7 +129,7 @@ def _basis_rows_task(
 
 def _feature_rows_task(
     batch: dict[str, np.ndarray],
-    spec_d: dict[str, Any],
+    spec: ScorerSpec,
     featurizer: FeaturizerModule,
     per_image: int,
     fresh: bool,
@@ -142,7 +139,6 @@ def _feature_rows_task(
     (the validation set, identical every epoch and on every worker). With synthetic
     anomalies (``[fit] synthetic_anomalies``) each image adds the rows of its made-up
     defects (patches cut from the batch's other images), and column ``y`` labels them 1."""
-    spec = spec_from_dict(spec_d)
     torch.set_num_threads(1)
     rows, labels = [], []
     decoded = list(_decode_many(batch))
@@ -188,7 +184,7 @@ def fit_featurizer_on_ray(
     ds = _dataset(train).map_batches(
         _basis_rows_task,
         fn_kwargs={
-            "spec_d": spec_to_dict(spec),
+            "spec": spec,
             "per_image": per_image,
             "backbone_state": backbone_state,
         },
@@ -283,7 +279,7 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(config["threads"]))
-    spec = spec_from_dict(config["spec"])
+    spec: ScorerSpec = config["spec"]  # the frozen dataclass, as Ray shipped it
     cfg = spec.fit
     device = rtt.get_device()
     torch.manual_seed(spec.seed)
@@ -423,13 +419,12 @@ def train_flow_on_ray(
 
     ray_path, ray_fs = ray_train_storage(storage_path)
     t0 = time.perf_counter()
-    spec_d = spec_to_dict(spec)
     feat_cpu = copy.deepcopy(featurizer).cpu().eval()
     common = {"batch_size": _IMAGES_PER_TASK, "batch_format": "numpy"}
     train_ds = _dataset(train).map_batches(
         _feature_rows_task,
         fn_kwargs={
-            "spec_d": spec_d,
+            "spec": spec,
             "featurizer": feat_cpu,
             "per_image": spec.windows_per_image,
             "fresh": True,
@@ -441,7 +436,7 @@ def train_flow_on_ray(
         .map_batches(
             _feature_rows_task,
             fn_kwargs={
-                "spec_d": spec_d,
+                "spec": spec,
                 "featurizer": feat_cpu,
                 "per_image": spec.windows_per_image,
                 "fresh": False,
@@ -455,7 +450,7 @@ def train_flow_on_ray(
         resources["GPU"] = 1.0
     queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     config: dict[str, Any] = {
-        "spec": spec_d,
+        "spec": spec,
         "threads": plan.threads_per_worker,
         "progress": queue,
     }

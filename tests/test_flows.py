@@ -231,3 +231,16 @@ def test_chain_sums_logdets() -> None:
     z, ladj = Chain([a, b])(x)
     torch.testing.assert_close(z, z2)
     torch.testing.assert_close(ladj, l1 + l2)
+
+
+@pytest.mark.parametrize(
+    "cfg", [MAFConfig(blocks=2, hidden=8), BNAFConfig(flows=2), CouplingConfig(blocks=2)]
+)
+def test_a_built_flow_carries_its_config_and_a_scorer_takes_it(cfg) -> None:
+    from flowcore.scorer import Scorer
+    from flowcore.windows import WindowConfig, WindowFeaturizer
+
+    flow = build_flow(4, cfg)
+    assert flow.config == cfg
+    feat = WindowFeaturizer(WindowConfig(window=2, stride=1, components=4, whiten=False))
+    assert Scorer(feat, flow).flow_config == cfg

@@ -95,6 +95,9 @@ class Flow(nn.Module):
         super().__init__()
         self.transform = transform
         self.features = features
+        # the FlowConfig it was built from (set by flowcore.flows.build_flow; None for a flow
+        # assembled by hand), so a flow can be saved and rebuilt without its config beside it
+        self.config: object | None = None
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log p(x) for x of shape (batch, D); returns (batch,)."""

@@ -178,4 +178,6 @@ def build_flow(features: int, cfg: FlowConfig) -> Flow:
         t = build_coupling(
             features, blocks=cfg.blocks, hidden=cfg.hidden, clamp=cfg.clamp, seed=cfg.seed
         )
-    return Flow(t, features)
+    flow = Flow(t, features)
+    flow.config = cfg
+    return flow
