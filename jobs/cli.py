@@ -232,12 +232,13 @@ def cmd_score(args: argparse.Namespace) -> int:
         only=_only(args.only),
         precision=args.precision,
         transforms=args.test_transforms,
+        settings=args.settings,
     )
     try:
         out = run_score(req, stderr_log(args.quiet))
     except (ScoreUsageError, TrackingError, ModelResolutionError, TablesError) as e:
         raise UsageError(str(e)) from e
-    print_summary(out, catalog_config()["warehouse"])
+    print_summary(out, catalog_config(args.settings)["warehouse"])
     return EXIT_OK
 
 
@@ -257,7 +258,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return run_job(
-            args.job, dry_run=args.dry_run, ray_address=args.ray_address, log=stderr_log(args.quiet)
+            args.job,
+            dry_run=args.dry_run,
+            ray_address=args.ray_address,
+            log=stderr_log(args.quiet),
+            settings=args.settings,
         )
     except (JobUsageError, ScoreUsageError) as e:
         raise UsageError(str(e)) from e
@@ -302,7 +307,9 @@ def cmd_maintain(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )
     try:
-        return run_maintain(args.table or [], policy, stderr_log(args.quiet))
+        return run_maintain(
+            args.table or [], policy, stderr_log(args.quiet), settings=args.settings
+        )
     except MaintainUsageError as e:
         raise UsageError(str(e)) from e
 
@@ -963,6 +970,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from pipelines.settings import SettingError, Settings
+
+    try:  # every setting from the environment, read and checked once, before anything runs
+        args.settings = Settings.from_env(ray_address=getattr(args, "ray_address", None))
+    except SettingError as e:
+        _err(str(e))
+        return EXIT_USAGE
     try:
         return func(args)
     except UsageError as e:

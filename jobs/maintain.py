@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from pipelines.log import Log
 from pipelines.maintenance import MaintainPolicy, TableReport
+from pipelines.settings import Settings
 
 __all__ = ["MAINTAIN_LOCK", "MaintainUsageError", "run_maintain", "maintain_tables", "is_due"]
 
@@ -50,13 +51,18 @@ def _fault_hook() -> Callable[[str], None]:
 
 
 def maintain_tables(
-    names: Sequence[str], policy: MaintainPolicy, log: Log, *, check: Callable[[], None]
+    names: Sequence[str],
+    policy: MaintainPolicy,
+    log: Log,
+    *,
+    check: Callable[[], None],
+    settings: Settings | None = None,
 ) -> list[TableReport]:
     """Maintain each table in turn with the lock already held (``check`` is its check)."""
     from pipelines import tables
     from pipelines.maintenance import maintain_table
 
-    catalog = tables.load_catalog_()
+    catalog = tables.load_catalog_(settings)
     hook = _fault_hook()
     reports = []
     for name in _check_tables(names):
@@ -65,12 +71,12 @@ def maintain_tables(
     return reports
 
 
-def is_due(every_s: float) -> bool:
+def is_due(every_s: float, settings: Settings | None = None) -> bool:
     """Whether ``image_scores`` was last maintained more than ``every_s`` ago (or never)."""
     from pipelines import tables
     from pipelines.maintenance import last_maintained
 
-    tbl = tables.load_table(tables.load_catalog_(), tables.IMAGE_SCORES)
+    tbl = tables.load_table(tables.load_catalog_(settings), tables.IMAGE_SCORES)
     if tbl is None:
         return False
     when = last_maintained(tbl)
@@ -78,20 +84,26 @@ def is_due(every_s: float) -> bool:
 
 
 def run_maintain(
-    names: Sequence[str], policy: MaintainPolicy, log: Log, out: Callable[[str], None] = print
+    names: Sequence[str],
+    policy: MaintainPolicy,
+    log: Log,
+    out: Callable[[str], None] = print,
+    settings: Settings | None = None,
 ) -> int:
     """The command: take the maintenance lock, maintain the tables, print one line each."""
     from jobs.nightly import JobUsageError, lock_lease_s
     from pipelines import tables
     from pipelines.lock import JobLock, LockHeld, LockLost
+    from pipelines.settings import SettingError, current
 
     names = _check_tables(names)
     try:
-        lease = lock_lease_s()
-        tables.load_catalog_()
-    except (JobUsageError, tables.TablesError) as e:
+        settings = settings or current()
+        lease = lock_lease_s(settings)
+        tables.load_catalog_(settings)
+    except (JobUsageError, tables.TablesError, SettingError) as e:
         raise MaintainUsageError(str(e)) from e
-    lock = JobLock(tables.catalog_config()["uri"], MAINTAIN_LOCK, lease_s=lease)
+    lock = JobLock(tables.catalog_config(settings)["uri"], MAINTAIN_LOCK, lease_s=lease)
     try:
         lock.acquire()
     except LockHeld as e:
@@ -100,7 +112,7 @@ def run_maintain(
         log(f"took over the maintenance lock of {lock.took_over.holder} (its lease expired)")
     try:
         with lock.fencing(names):
-            reports = maintain_tables(names, policy, log, check=lock.check)
+            reports = maintain_tables(names, policy, log, check=lock.check, settings=settings)
     except LockLost as e:
         log(str(e))
         return 4

@@ -45,6 +45,7 @@ from typing import Any
 
 from pipelines.log import Log
 from pipelines.maintenance import MaintainPolicy
+from pipelines.settings import Settings
 
 __all__ = ["JobSpec", "JobUsageError", "load_job", "run_job"]
 
@@ -174,17 +175,17 @@ def load_job(path: str | Path) -> JobSpec:
 LEASE_ENV = "FLOWSCORE_LOCK_LEASE_S"
 
 
-def lock_lease_s() -> float:
+def lock_lease_s(settings: Settings | None = None) -> float:
     """The job lock's lease in seconds: ``FLOWSCORE_LOCK_LEASE_S``, default 120."""
-    from pipelines.settings import SettingError, env_number
+    from pipelines.settings import SettingError, current
 
     try:
-        return env_number(LEASE_ENV, 120.0, minimum=0, above=True)
+        return (settings or current()).lock_lease_s
     except SettingError as e:
         raise JobUsageError(str(e)) from e
 
 
-def _maybe_maintain(spec: JobSpec, log: Log) -> None:
+def _maybe_maintain(spec: JobSpec, log: Log, settings: Settings) -> None:
     """``[maintain]``: maintain the tables when due, under the maintenance lock (skipped if
     another maintenance run holds it); a failure is a warning, the scores stay committed."""
     from jobs.maintain import MAINTAIN_LOCK, is_due, maintain_tables
@@ -194,9 +195,11 @@ def _maybe_maintain(spec: JobSpec, log: Log) -> None:
 
     assert spec.maintain_every_s is not None
     try:
-        if not is_due(spec.maintain_every_s):
+        if not is_due(spec.maintain_every_s, settings):
             return
-        lock = JobLock(tables.catalog_config()["uri"], MAINTAIN_LOCK, lease_s=lock_lease_s())
+        lock = JobLock(
+            tables.catalog_config(settings)["uri"], MAINTAIN_LOCK, lease_s=settings.lock_lease_s
+        )
         try:
             lock.acquire()
         except LockHeld as e:
@@ -204,7 +207,9 @@ def _maybe_maintain(spec: JobSpec, log: Log) -> None:
             return
         try:
             with lock.fencing(tables.TABLES):
-                for report in maintain_tables(tables.TABLES, spec.maintain, log, check=lock.check):
+                for report in maintain_tables(
+                    tables.TABLES, spec.maintain, log, check=lock.check, settings=settings
+                ):
                     log(report.line())
         finally:
             lock.release()
@@ -219,6 +224,7 @@ def run_job(
     ray_address: str | None = None,
     log: Log,
     out: Callable[[str], None] = print,
+    settings: Settings | None = None,
 ) -> int:
     from jobs.score import ScoreRequest, ScoreUsageError, check_bundle, model_identity, run_score
     from pipelines import tables, tracking
@@ -227,7 +233,14 @@ def run_job(
     from pipelines.lock import JobLock, LockHeld, LockLost
 
     spec = load_job(path)
-    lease = lock_lease_s()
+    if settings is None:
+        from pipelines.settings import SettingError, current
+
+        try:
+            settings = current()
+        except SettingError as e:
+            raise JobUsageError(str(e)) from e
+    lease = lock_lease_s(settings)
     # -- validate everything before touching anything
     try:
         open_archive(spec.archive)
@@ -244,14 +257,14 @@ def run_job(
     except ScoreUsageError as e:
         raise JobUsageError(f"{path}: job.model {spec.model}: {e}") from e
     try:
-        catalog = tables.load_catalog_()
+        catalog = tables.load_catalog_(settings)
     except tables.TablesError as e:
         raise JobUsageError(str(e)) from e
     name, version = model_identity(resolved)
     pinned = f"models:/{name}/{version}" if resolved.version else str(resolved.path)
     log(f"job {spec.name}: model {spec.model} -> {name} version {version}")
 
-    lock = JobLock(tables.catalog_config()["uri"], spec.name, lease_s=lease)
+    lock = JobLock(tables.catalog_config(settings)["uri"], spec.name, lease_s=lease)
     try:
         lock.acquire()
     except LockHeld as e:
@@ -299,11 +312,12 @@ def run_job(
                     fence=lock.check,
                     precision=spec.precision,
                     transforms=spec.test_transforms,
+                    settings=settings,
                 ),
                 log,
             )
         if spec.maintain_every_s is not None:
-            _maybe_maintain(spec, log)
+            _maybe_maintain(spec, log, settings)
     except LockLost as e:
         log(str(e))
         return EXIT_LOCK_LOST

@@ -79,6 +79,9 @@ class ScoreRequest:
     precision: str = "fp32"
     # test-time transforms per image (flowcore.scorer.TRANSFORMS); None: the model's own
     transforms: int | None = None
+    # the command's settings (pipelines.settings.Settings, read once by the CLI); None: read
+    # the environment here
+    settings: Any = None
     # called right before each commit; raises to stop the run (the nightly job's lock
     # fencing, pipelines.lock.JobLock.check)
     fence: Callable[[], None] | None = None
@@ -157,9 +160,9 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         ScoreConfig,
         max_file_bytes,
         score_stream,
-        stream_buffer_per_actor,
     )
     from pipelines.selection import apply_only
+    from pipelines.settings import current
 
     if req.commit_every < 1 or req.actors < 1 or req.batch_size < 1:
         raise ScoreUsageError("--commit-every, --actors and --batch-size must be >= 1")
@@ -168,8 +171,8 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     except ArchiveError as e:
         raise ScoreUsageError(str(e)) from e
     try:
-        stream_buffer_per_actor()
-        max_bytes = max_file_bytes()
+        settings = req.settings or current()
+        max_bytes = max_file_bytes(settings)
         resolve_precision(req.precision)  # its spelling, before anything is resolved
     except ValueError as e:
         raise ScoreUsageError(str(e)) from e
@@ -222,7 +225,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
         + (f", {skipped} already scored by version {model_version}" if skipped else "")
         + (f"; path columns {', '.join(path_columns)}" if path_columns else "")
     )
-    catalog = tables.load_catalog_()
+    catalog = tables.load_catalog_(settings)
     tables.ensure_tables(catalog, path_columns)
     run_id = uuid.uuid4().hex
     started = datetime.now(UTC).replace(tzinfo=None)
@@ -309,7 +312,8 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 commit_every=req.commit_every,
                 scores_schema=scores_schema,
                 errors_schema=tables.SCORING_ERRORS_SCHEMA,
-                catalog_kwargs=tables.catalog_config(),
+                catalog_kwargs=tables.catalog_config(settings),
+                stream_buffer_bytes=settings.stream_buffer_bytes,
                 on_commit=on_commit,
                 on_progress=lambda n: log(f"  scoring: {eta(n)}, {scored + failed} committed"),
                 before_commit=req.fence or (lambda: None),

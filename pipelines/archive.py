@@ -54,6 +54,7 @@ import fsspec.asyn
 import numpy as np
 from PIL import Image, ImageOps
 
+from . import settings as settings_mod
 from .redact import has_userinfo, redact
 from .storage import S3FS_RETRIES, StorageUnavailable, retry_transient, s3fs_kwargs
 
@@ -224,10 +225,10 @@ def _s3_filesystem() -> fsspec.AbstractFileSystem:
     """
     import s3fs  # imported lazily: aiobotocore is slow to import
 
-    kwargs: dict[str, Any] = s3fs_kwargs()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+    s = settings_mod.current()  # also in Ray's decode tasks: their own environment
+    kwargs: dict[str, Any] = s3fs_kwargs(s.s3)
+    if s.s3_endpoint:
+        kwargs["client_kwargs"] = {"endpoint_url": s.s3_endpoint}
     fs: fsspec.AbstractFileSystem = s3fs.S3FileSystem(**kwargs)
     # s3fs retries in two nested loops around botocore's own retries (5 x 5 x botocore's by
     # default); botocore's bounded retries and retry_transient's budget are the only ones
@@ -410,13 +411,13 @@ def _naive_utc(value: Any) -> datetime | None:
     return None
 
 
-FOLLOW_LINKS_ENV = "FLOWSCORE_FOLLOW_SYMLINKS"
+FOLLOW_LINKS_ENV = settings_mod.FOLLOW_LINKS_ENV
 
 
-def follow_links_outside() -> bool:
+def follow_links_outside(settings: settings_mod.Settings | None = None) -> bool:
     """Whether symbolic links that lead out of a local archive's root are followed
     (``FLOWSCORE_FOLLOW_SYMLINKS=1``; default: skipped)."""
-    return os.environ.get(FOLLOW_LINKS_ENV, "").strip().lower() in ("1", "true", "yes")
+    return (settings or settings_mod.current()).follow_links
 
 
 def _inside(path: str, real_root: str) -> bool:

@@ -8,15 +8,16 @@ DESIGN.md). This module imports nothing heavy: no MLflow, no Ray, no torch.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .settings import HOME_ENV, Settings, current
 
 __all__ = ["FLOWSCORE_HOME_ENV", "flowscore_home"]
 
-FLOWSCORE_HOME_ENV = "FLOWSCORE_HOME"
+FLOWSCORE_HOME_ENV = HOME_ENV
 
 
-def flowscore_home() -> Path:
+def flowscore_home(settings: Settings | None = None) -> Path:
     """Return flowscore's home directory, creating it if it does not exist.
 
     The directory is ``$FLOWSCORE_HOME`` when that variable is set and non-empty, else
@@ -24,7 +25,6 @@ def flowscore_home() -> Path:
     made absolute (relative to the current working directory), so every later path derived
     from it is absolute too.
     """
-    raw = os.environ.get(FLOWSCORE_HOME_ENV, "").strip() or "~/.flowscore"
-    home = Path(os.path.expandvars(os.path.expanduser(raw))).absolute()
+    home = (settings or current()).home
     home.mkdir(parents=True, exist_ok=True)
     return home

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import settings as settings_mod
 from .archive import (
     ArchiveEntry,
     DecodeError,
@@ -39,7 +40,6 @@ from .archive import (
 )
 from .errors import find_in_chain
 from .lock import LockLost
-from .settings import env_number
 from .storage import retry_transient
 
 __all__ = [
@@ -59,15 +59,13 @@ _KEY_SCORES = ["image_uri", "etag", "model_version"]
 #: files above this size are not read (an error row instead): a 1 GiB file read whole took
 #: 1.1 GB of a decode task's memory
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20
-MAX_FILE_ENV = "FLOWSCORE_MAX_FILE_MB"
+MAX_FILE_ENV = settings_mod.MAX_FILE_ENV
 TOO_LARGE = "FileTooLarge"
 
 
-def max_file_bytes() -> int:
+def max_file_bytes(settings: settings_mod.Settings | None = None) -> int:
     """The largest file a scoring run reads: ``FLOWSCORE_MAX_FILE_MB`` (default 256)."""
-    return int(
-        env_number(MAX_FILE_ENV, DEFAULT_MAX_FILE_BYTES / 2**20, minimum=0, above=True) * 2**20
-    )
+    return (settings or settings_mod.current()).max_file_bytes
 
 
 def path_column_name(key: str) -> str:
@@ -336,12 +334,9 @@ FILE_IMAGES = 2000
 PROGRESS_EVERY_S = 30.0
 
 
-def stream_buffer_per_actor() -> int:
+def stream_buffer_per_actor(settings: settings_mod.Settings | None = None) -> int:
     """Bytes of Ray's object store per scorer actor (``FLOWSCORE_STREAM_BUFFER_MB``)."""
-    mb = env_number(
-        "FLOWSCORE_STREAM_BUFFER_MB", STREAM_BUFFER_PER_ACTOR / 2**20, minimum=0, above=True
-    )
-    return int(mb * 2**20)
+    return (settings or settings_mod.current()).stream_buffer_bytes
 
 
 def score_stream(
@@ -356,6 +351,7 @@ def score_stream(
     scores_schema: pa.Schema,
     errors_schema: pa.Schema,
     catalog_kwargs: dict[str, Any],
+    stream_buffer_bytes: int | None = None,
     on_commit: Callable[[ChunkResult], None] = lambda r: None,
     on_progress: Callable[[int], None] = lambda done: None,
     before_commit: Callable[[], None] = lambda: None,
@@ -364,6 +360,8 @@ def score_stream(
     ``scoring_errors`` and one UPSERT into ``image_scores`` (each an atomic Iceberg commit).
     ``before_commit`` runs right before each commit and stops the run by raising (the nightly
     job's lock fencing: a run that lost its lock commits nothing more).
+    ``stream_buffer_bytes``: Ray's object store per actor (None:
+    :func:`stream_buffer_per_actor` of the environment).
 
     The stream (decode tasks -> scorer actors) keeps running while the driver commits the
     previous chunk, and the actors load the bundle once per segment, not once per commit.
@@ -378,7 +376,7 @@ def score_stream(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=actors * stream_buffer_per_actor()
+        object_store_memory=actors * (stream_buffer_bytes or stream_buffer_per_actor())
     )
     remote: dict[str, Any] = {"num_cpus": cpus_per_actor}
     if gpus_per_actor:

@@ -1,13 +1,65 @@
-"""Numbers from ``FLOWSCORE_*`` environment variables, checked in one place: a value that is
-not a finite number in range is one clear error naming the variable (exit code 2), never a
-traceback and never silently 0 or negative."""
+"""Everything flowscore takes from its environment, read and checked in one place.
+
+:class:`Settings` holds the home directory, the catalog, the warehouse, the MLflow store, the
+S3 endpoint, region, timeouts and retries, the object-store buffer, the largest file read,
+the job lock's lease and the Ray address. :meth:`Settings.from_env` builds it from a mapping
+of environment variables (``os.environ`` by default) and checks every value: a number that
+is not finite or out of range is one clear error naming the variable (exit code 2), never a
+traceback and never silently 0 or negative.
+
+``flowscore`` (``jobs/cli.py``) builds it once per command, before anything runs, so a bad
+variable stops the command at once, and hands it down; the helpers below ``jobs/`` that
+take a ``settings`` argument use the one they are given, and read the environment through
+:func:`current` only when called without one (library use, tests). Ray workers get the
+variables themselves (``pipelines.raycluster`` passes them) and read them with
+:func:`current` in their own process.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
 
-__all__ = ["SettingError", "env_number"]
+__all__ = [
+    "SettingError",
+    "S3Settings",
+    "Settings",
+    "current",
+    "env_number",
+    "HOME_ENV",
+    "CATALOG_URI_ENV",
+    "WAREHOUSE_ENV",
+    "MLFLOW_URI_ENV",
+    "LOCK_LEASE_ENV",
+    "STREAM_BUFFER_ENV",
+    "MAX_FILE_ENV",
+    "FOLLOW_LINKS_ENV",
+    "CONNECT_TIMEOUT_ENV",
+    "READ_TIMEOUT_ENV",
+    "RETRIES_ENV",
+    "RETRY_BUDGET_ENV",
+]
+
+HOME_ENV = "FLOWSCORE_HOME"
+CATALOG_URI_ENV = "FLOWSCORE_CATALOG_URI"
+WAREHOUSE_ENV = "FLOWSCORE_WAREHOUSE"
+MLFLOW_URI_ENV = "MLFLOW_TRACKING_URI"
+LOCK_LEASE_ENV = "FLOWSCORE_LOCK_LEASE_S"
+STREAM_BUFFER_ENV = "FLOWSCORE_STREAM_BUFFER_MB"
+MAX_FILE_ENV = "FLOWSCORE_MAX_FILE_MB"
+FOLLOW_LINKS_ENV = "FLOWSCORE_FOLLOW_SYMLINKS"
+CONNECT_TIMEOUT_ENV = "FLOWSCORE_S3_CONNECT_TIMEOUT_S"
+READ_TIMEOUT_ENV = "FLOWSCORE_S3_READ_TIMEOUT_S"
+RETRIES_ENV = "FLOWSCORE_S3_RETRIES"
+RETRY_BUDGET_ENV = "FLOWSCORE_S3_RETRY_BUDGET_S"
+
+DEFAULT_LOCK_LEASE_S = 120.0
+DEFAULT_STREAM_BUFFER_MB = 256.0
+DEFAULT_MAX_FILE_MB = 256.0
 
 
 class SettingError(ValueError):
@@ -22,10 +74,12 @@ def env_number(
     integer: bool = False,
     above: bool = False,
     error: type[SettingError] = SettingError,
+    env: Mapping[str, str] | None = None,
 ) -> float:
-    """``name``'s value, or ``default`` when unset or blank. It must be a finite number (an
-    integer if ``integer``) ``>= minimum`` (``> minimum`` if ``above``); else ``error``."""
-    raw = os.environ.get(name, "").strip()
+    """``name``'s value in ``env`` (default ``os.environ``), or ``default`` when unset or
+    blank. It must be a finite number (an integer if ``integer``) ``>= minimum`` (``>
+    minimum`` if ``above``); else ``error``."""
+    raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return default
     try:
@@ -40,3 +94,116 @@ def env_number(
         raise error(f"{name} must be {kind} {bound}, got {raw!r}")
     assert value is not None
     return value
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """S3 client limits (``FLOWSCORE_S3_*``; see :mod:`pipelines.storage`)."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    retries: int = 3
+    retry_budget_s: float = 120.0
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, error: type[SettingError] = SettingError
+    ) -> S3Settings:
+        d = cls()
+
+        def number(name: str, default: float, *, integer: bool, minimum: float) -> float:
+            return env_number(name, default, minimum=minimum, integer=integer, error=error, env=env)
+
+        return cls(
+            connect_timeout_s=number(
+                CONNECT_TIMEOUT_ENV, d.connect_timeout_s, integer=False, minimum=0.1
+            ),
+            read_timeout_s=number(READ_TIMEOUT_ENV, d.read_timeout_s, integer=False, minimum=0.1),
+            retries=int(number(RETRIES_ENV, d.retries, integer=True, minimum=0)),
+            retry_budget_s=number(RETRY_BUDGET_ENV, d.retry_budget_s, integer=False, minimum=0),
+        )
+
+
+def normalize_warehouse(raw: str) -> str:
+    """A warehouse location as a URI: plain (relative or ``~``) paths become ``file://``."""
+    parsed = urlparse(raw)
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
+        return raw
+    path = os.path.abspath(os.path.expanduser(os.path.expandvars(raw)))
+    return f"file://{path}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What flowscore takes from its environment (module docstring). Build it with
+    :meth:`from_env`; every field is checked there."""
+
+    home: Path
+    """``$FLOWSCORE_HOME`` or ``~/.flowscore``, absolute (created when first used)."""
+    catalog_uri: str
+    """``$FLOWSCORE_CATALOG_URI``, else the SQLite catalog under ``home``."""
+    warehouse: str
+    """``$FLOWSCORE_WAREHOUSE`` as a URI, else ``file://`` ``home``/warehouse."""
+    mlflow_uri: str
+    """``$MLFLOW_TRACKING_URI``, else the SQLite store under ``home``."""
+    s3_endpoint: str | None = None
+    """``$AWS_ENDPOINT_URL_S3`` or ``$AWS_ENDPOINT_URL`` (S3-compatible stores)."""
+    s3_region: str | None = None
+    """``$AWS_REGION`` or ``$AWS_DEFAULT_REGION``."""
+    s3: S3Settings = field(default_factory=S3Settings)
+    lock_lease_s: float = DEFAULT_LOCK_LEASE_S
+    stream_buffer_bytes: int = int(DEFAULT_STREAM_BUFFER_MB * 2**20)
+    max_file_bytes: int = int(DEFAULT_MAX_FILE_MB * 2**20)
+    follow_links: bool = False
+    ray_address: str | None = None
+    """``--ray-address``, else ``$RAY_ADDRESS``; None: a local Ray."""
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, ray_address: str | None = None
+    ) -> Settings:
+        """Read and check every setting from ``env`` (default ``os.environ``); ``ray_address``
+        (a command's flag) wins over ``$RAY_ADDRESS``. Raises :class:`SettingError`, one
+        line naming the variable, for a bad value."""
+        env = os.environ if env is None else env
+
+        def text(*names: str) -> str | None:
+            for name in names:
+                value = env.get(name, "").strip()
+                if value:
+                    return value
+            return None
+
+        raw_home = text(HOME_ENV) or "~/.flowscore"
+        home = Path(os.path.expandvars(os.path.expanduser(raw_home))).absolute()
+        warehouse = text(WAREHOUSE_ENV)
+        return cls(
+            home=home,
+            catalog_uri=text(CATALOG_URI_ENV) or f"sqlite:///{home}/catalog.db",
+            warehouse=normalize_warehouse(warehouse) if warehouse else f"file://{home}/warehouse",
+            mlflow_uri=text(MLFLOW_URI_ENV) or f"sqlite:///{(home / 'mlflow.db').as_posix()}",
+            s3_endpoint=text("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+            s3_region=text("AWS_REGION", "AWS_DEFAULT_REGION"),
+            s3=S3Settings.from_env(env),
+            lock_lease_s=env_number(
+                LOCK_LEASE_ENV, DEFAULT_LOCK_LEASE_S, minimum=0, above=True, env=env
+            ),
+            stream_buffer_bytes=int(
+                env_number(
+                    STREAM_BUFFER_ENV, DEFAULT_STREAM_BUFFER_MB, minimum=0, above=True, env=env
+                )
+                * 2**20
+            ),
+            max_file_bytes=int(
+                env_number(MAX_FILE_ENV, DEFAULT_MAX_FILE_MB, minimum=0, above=True, env=env)
+                * 2**20
+            ),
+            follow_links=(text(FOLLOW_LINKS_ENV) or "").lower() in ("1", "true", "yes"),
+            ray_address=ray_address or text("RAY_ADDRESS"),
+        )
+
+
+def current() -> Settings:
+    """:meth:`Settings.from_env` of this process's environment: for code called without the
+    command's ``settings`` (a library caller, a test, a Ray worker)."""
+    return Settings.from_env()

@@ -53,7 +53,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -61,7 +60,16 @@ import pyarrow.fs as pafs
 
 from .errors import exception_chain, one_line
 from .redact import redact
-from .settings import SettingError, env_number
+from .settings import (
+    CONNECT_TIMEOUT_ENV,
+    READ_TIMEOUT_ENV,
+    RETRIES_ENV,
+    RETRY_BUDGET_ENV,
+    S3Settings,
+    SettingError,
+    Settings,
+    current,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT_ENV",
@@ -85,10 +93,6 @@ __all__ = [
     "storage_failure",
 ]
 
-CONNECT_TIMEOUT_ENV = "FLOWSCORE_S3_CONNECT_TIMEOUT_S"
-READ_TIMEOUT_ENV = "FLOWSCORE_S3_READ_TIMEOUT_S"
-RETRIES_ENV = "FLOWSCORE_S3_RETRIES"
-RETRY_BUDGET_ENV = "FLOWSCORE_S3_RETRY_BUDGET_S"
 S3_ENV = (CONNECT_TIMEOUT_ENV, READ_TIMEOUT_ENV, RETRIES_ENV, RETRY_BUDGET_ENV)
 """The settings' environment variables (passed to a remote Ray cluster's workers)."""
 
@@ -124,44 +128,23 @@ class StorageUnavailable(RuntimeError):
         return (type(self), (self.message,))
 
 
-@dataclass(frozen=True)
-class S3Settings:
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    retries: int = 3
-    retry_budget_s: float = 120.0
-
-
-def _number(name: str, default: float, *, integer: bool, minimum: float) -> float:
-    return env_number(name, default, minimum=minimum, integer=integer, error=StorageConfigError)
-
-
 def s3_settings() -> S3Settings:
-    """The settings from the environment (defaults where unset).
+    """The S3 limits from the environment (defaults where unset; the process's own: a Ray
+    worker reads the variables Ray passed it).
 
     Raises:
         StorageConfigError: a variable is set to something that is not a valid number.
     """
-    d = S3Settings()
-    return S3Settings(
-        connect_timeout_s=_number(
-            CONNECT_TIMEOUT_ENV, d.connect_timeout_s, integer=False, minimum=0.1
-        ),
-        read_timeout_s=_number(READ_TIMEOUT_ENV, d.read_timeout_s, integer=False, minimum=0.1),
-        retries=int(_number(RETRIES_ENV, d.retries, integer=True, minimum=0)),
-        retry_budget_s=_number(RETRY_BUDGET_ENV, d.retry_budget_s, integer=False, minimum=0),
-    )
+    return S3Settings.from_env(error=StorageConfigError)
 
 
-def endpoint() -> str:
+def endpoint(settings: Settings | None = None) -> str:
     """The S3 endpoint in use, for messages: ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``, else
     AWS's own."""
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            return redact(value)
-    region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "").strip()
-    return f"AWS S3 ({region})" if region else "AWS S3"
+    s = settings or current()
+    if s.s3_endpoint:
+        return redact(s.s3_endpoint)
+    return f"AWS S3 ({s.s3_region})" if s.s3_region else "AWS S3"
 
 
 # ---------------------------------------------------------------- client configuration
@@ -191,7 +174,9 @@ class S3RetryStrategy(pafs.AwsStandardS3RetryStrategy):
         super().__init__(max_attempts=max_attempts)
 
 
-def ray_train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
+def ray_train_storage(
+    uri: str, settings: Settings | None = None
+) -> tuple[str, pafs.FileSystem | None]:
     """Ray Train's ``(storage_path, storage_filesystem)`` for a checkpoint location: a folder
     every node can reach (absolute path, no file system object) or ``s3://bucket/prefix``
     (a pyarrow S3 file system on this environment's endpoint and region, with the
@@ -204,22 +189,19 @@ def ray_train_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
         raise ValueError(f"expected a folder or s3://bucket/prefix, got {redact(uri)!r}")
     if "@" in parsed.netloc:
         raise ValueError("put S3 credentials in the AWS environment, not in the URI")
-    s = s3_settings()
+    settings = settings or current()
+    s = settings.s3
     kwargs: dict[str, Any] = {
         "connect_timeout": s.connect_timeout_s,
         "request_timeout": s.read_timeout_s,
-        "retry_strategy": S3RetryStrategy(),
+        "retry_strategy": S3RetryStrategy(1 + s.retries),
     }
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            ep = urlparse(value)
-            kwargs["endpoint_override"] = ep.netloc or ep.path
-            kwargs["scheme"] = ep.scheme or "https"
-            break
-    region = (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "").strip()
-    if region:
-        kwargs["region"] = region
+    if settings.s3_endpoint:
+        ep = urlparse(settings.s3_endpoint)
+        kwargs["endpoint_override"] = ep.netloc or ep.path
+        kwargs["scheme"] = ep.scheme or "https"
+    if settings.s3_region:
+        kwargs["region"] = settings.s3_region
     return f"{parsed.netloc}{parsed.path}".rstrip("/"), pafs.S3FileSystem(**kwargs)
 
 

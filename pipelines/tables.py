@@ -48,7 +48,6 @@ and a reader can take its data files as they are (:func:`snapshot_files`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
@@ -57,6 +56,7 @@ from urllib.parse import urlparse
 
 import pyarrow as pa
 
+from . import settings as settings_mod
 from .errors import one_line
 from .paths import flowscore_home
 from .redact import redact
@@ -116,8 +116,8 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
 }
 RUN_STATUSES = ("running", "succeeded", "failed")
 
-CATALOG_URI_ENV = "FLOWSCORE_CATALOG_URI"
-WAREHOUSE_ENV = "FLOWSCORE_WAREHOUSE"
+CATALOG_URI_ENV = settings_mod.CATALOG_URI_ENV
+WAREHOUSE_ENV = settings_mod.WAREHOUSE_ENV
 
 _TS = pa.timestamp("us")  # naive UTC, microseconds (Iceberg ``timestamp``)
 _F32 = pa.float32()
@@ -215,21 +215,7 @@ class TablesError(RuntimeError):
 # ---------------------------------------------------------------- catalog
 
 
-def _env(name: str) -> str | None:
-    value = os.environ.get(name, "").strip()
-    return value or None
-
-
-def _normalize_warehouse(raw: str) -> str:
-    """A warehouse location as a URI: plain (relative or ``~``) paths become ``file://``."""
-    parsed = urlparse(raw)
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive, not a scheme
-        return raw
-    path = os.path.abspath(os.path.expanduser(os.path.expandvars(raw)))
-    return f"file://{path}"
-
-
-def catalog_config() -> dict[str, str]:
+def catalog_config(settings: settings_mod.Settings | None = None) -> dict[str, str]:
     """The pyiceberg SQL-catalog properties (see the module docstring), all plain strings.
 
     Keys: ``name`` (``flowscore``), ``type`` (``sql``), ``uri`` and ``warehouse``; with an
@@ -238,28 +224,25 @@ def catalog_config() -> dict[str, str]:
     ``s3.request-timeout``, ``s3.retry-strategy-impl``; see :mod:`pipelines.storage`).
     Pass it unchanged as ``catalog_kwargs`` to Ray's ``write_iceberg`` (Ray pops ``name``).
     """
-    uri = _env(CATALOG_URI_ENV)
-    warehouse = _env(WAREHOUSE_ENV)
-    if uri is None or warehouse is None:
-        home = flowscore_home()
-        uri = uri or f"sqlite:///{home}/catalog.db"
-        warehouse = warehouse or f"file://{home}/warehouse"
+    s = settings or settings_mod.current()
+    if s.catalog_uri.startswith(f"sqlite:///{s.home}/") or s.warehouse.startswith(
+        f"file://{s.home}/"
+    ):
+        flowscore_home(s)  # the embedded defaults live there: create it
     cfg = {
         "name": CATALOG_NAME,
         "type": "sql",
-        "uri": uri,
-        "warehouse": _normalize_warehouse(warehouse),
+        "uri": s.catalog_uri,
+        "warehouse": s.warehouse,
     }
     if urlparse(cfg["warehouse"]).scheme in ("s3", "s3a", "s3n"):
-        endpoint = _env("AWS_ENDPOINT_URL_S3") or _env("AWS_ENDPOINT_URL")
-        region = _env("AWS_REGION") or _env("AWS_DEFAULT_REGION")
-        if endpoint:
-            cfg["s3.endpoint"] = endpoint
-        if region:
-            cfg["s3.region"] = region
+        if s.s3_endpoint:
+            cfg["s3.endpoint"] = s.s3_endpoint
+        if s.s3_region:
+            cfg["s3.region"] = s.s3_region
         from .storage import iceberg_properties
 
-        cfg.update(iceberg_properties())
+        cfg.update(iceberg_properties(s.s3))
     return cfg
 
 
@@ -278,12 +261,12 @@ def local_path(location: str) -> str:
     return location
 
 
-def load_catalog_() -> Catalog:
+def load_catalog_(settings: settings_mod.Settings | None = None) -> Catalog:
     """The flowscore catalog (creating its SQL tables and namespace ``flowscore`` if
     missing). Raises :class:`TablesError` naming the catalog URI when it cannot be opened."""
     from pyiceberg.catalog import load_catalog
 
-    cfg = catalog_config()
+    cfg = catalog_config(settings)
     name = cfg.pop("name")
     for attempt in range(4):
         try:

@@ -56,6 +56,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import exception_chain, one_line
 from .paths import flowscore_home
 from .redact import is_secret_name, redact
+from .settings import Settings, current
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -154,16 +155,16 @@ class ResolvedModel:
 # ---------------------------------------------------------------------------------------
 
 
-def tracking_uri() -> str:
+def tracking_uri(settings: Settings | None = None) -> str:
     """The tracking (and registry) URI: ``$MLFLOW_TRACKING_URI``, else the embedded store.
 
     The embedded store is ``sqlite:///<flowscore_home()>/mlflow.db`` (an absolute path, so
     the URI has four slashes on POSIX).
     """
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    return f"sqlite:///{(flowscore_home() / 'mlflow.db').as_posix()}"
+    s = settings or current()
+    if s.mlflow_uri.startswith(f"sqlite:///{s.home.as_posix()}/"):
+        flowscore_home(s)  # the embedded store lives there: create it
+    return s.mlflow_uri
 
 
 def _is_server(uri: str) -> bool:
