@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowcore.cnn import CNNConfig, CNNFeaturizer
 from flowcore.fit import PRESETS
 from flowcore.flops import flops_per_image
 from flowcore.flows import build_flow
@@ -72,20 +73,23 @@ def _random_windows(cfg: WindowConfig, gen: torch.Generator) -> WindowFeaturizer
 
 
 def random_scorer(preset: str, seed: int = 0) -> Scorer:
-    """The preset's scorer with a random orthonormal basis and a fresh flow."""
+    """The preset's scorer with a random orthonormal basis (a CNN preset: its backbone's
+    random initialisation) and a fresh flow: speed does not depend on the values."""
     spec = PRESETS[preset]
     cfg = spec.featurizer
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    feat: WindowFeaturizer | MultiScaleFeaturizer
-    if isinstance(cfg, MultiScaleConfig):
+    feat: WindowFeaturizer | MultiScaleFeaturizer | CNNFeaturizer
+    if isinstance(cfg, CNNConfig):
+        feat = CNNFeaturizer(cfg, seed=seed).eval()
+    elif isinstance(cfg, MultiScaleConfig):
         feat = MultiScaleFeaturizer(cfg)
         feat.fine = _random_windows(cfg.fine_config, gen)
         feat.coarse = _random_windows(cfg.coarse_config, gen)
     elif isinstance(cfg, WindowConfig):
         feat = _random_windows(cfg, gen)
     else:
-        raise ValueError(f"bench builds window presets only, not {preset!r}")
+        raise ValueError(f"bench cannot build preset {preset!r}")
     return Scorer(
         feat,
         build_flow(cfg.features, spec.flow),
@@ -526,7 +530,12 @@ def _bf16_figures(
 
 def format_table(r: dict[str, Any]) -> str:
     rows = [
-        ("model", f"{r['flow']} on {r['components']}-dim windows {r['window']}px / {r['stride']}"),
+        (
+            "model",
+            f"{r['flow']} on {r['components']}-dim windows {r['window']}px / {r['stride']}"
+            if r["window"]
+            else f"{r['flow']} on {r['components']}-dim CNN cells, stride {r['stride']}",
+        ),
         ("image", f"{r['image_height']}×{r['image_width']}, grid {r['grid'][0]}×{r['grid'][1]}"),
         ("device, threads", f"{r['device']}, {r['threads']}"),
         (

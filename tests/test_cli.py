@@ -228,3 +228,23 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, monkeypatch) -> Non
     assert len(list((tmp_path / "d" / "report").rglob("*.png"))) >= 4
     assert (tmp_path / "d" / "evaluation" / "evaluation.json").is_file()
     assert (tmp_path / "home" / "models" / "demo-grain" / "1" / "weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_bench_measures_every_preset(preset, tmp_path) -> None:
+    """``bench --preset P`` works for every preset the README recommends (CNN presets with
+    their random backbone: speed does not depend on the weights), with the test-time
+    transforms' cost counted in the FLOPs."""
+    path = tmp_path / "bench.json"
+    args = ["bench", "--preset", preset, "--images", "2", "--batch", "2", "--naive-rows", "1"]
+    args += ["--height", "96", "--width", "128", "--pipeline-images", "0", "--quiet"]
+    assert main([*args, "--no-bf16", "--json", str(path)]) == 0
+    one = json.loads(path.read_text())
+    assert one["scorer_images_per_s"] > 0 and one["gflop_per_image"] > 0
+    assert (one["naive_images_per_s"] is None) == preset.startswith(("cnn", "grain-multi"))
+    if preset == "grain-quarter":
+        assert main([*args, "--no-bf16", "--test-transforms", "2", "--json", str(path)]) == 0
+        two = json.loads(path.read_text())
+        assert two["test_transforms"] == 2
+        assert two["gflop_per_image"] == pytest.approx(2 * one["gflop_per_image"], rel=1e-3)
