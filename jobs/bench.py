@@ -6,7 +6,7 @@ matmul rate measured in this process (``gemm_gflops``); the roofline
 naive reference (the research code's way: a Python loop over heatmap rows, each window of a row
 cropped one by one, projected, one model call per row), timed on a subset of rows and scaled;
 peak RSS; and the pipeline: the same scorer saved as a bundle and run by the real scoring job
-(``jobs.score.run_score``: Ray Data decode tasks, scorer actors, Iceberg commits) on a
+(``pipelines.usecases.score.run_score``: Ray Data decode tasks, scorer actors, Iceberg commits) on a
 generated archive of JPEG files, in a throw-away catalog and MLflow store. Its figure is
 images over the time from the first chunk to the last commit (Ray already up); the whole
 command's rate (model check, listing, tables, MLflow run) is reported beside it.
@@ -218,8 +218,8 @@ def pipeline_bench(
 ) -> dict[str, Any]:
     """Files -> committed table rows through the real scoring job; see the module docstring."""
     from flowcore.bundle import save_bundle
-    from jobs.score import ScoreRequest, run_score
     from pipelines.raycluster import ensure_ray
+    from pipelines.usecases.score import ScoreRequest, run_score
 
     with tempfile.TemporaryDirectory(prefix="flowscore-bench-") as tmp:
         root = Path(tmp)

@@ -325,8 +325,8 @@ def run_table_bench(
 ) -> dict[str, Any]:
     """Fill (unless ``workdir`` already holds a filled catalog of this size), measure, maintain,
     measure again. See the module docstring."""
-    from jobs.maintain import maintain_tables
     from pipelines.maintenance import MaintainPolicy
+    from pipelines.usecases.maintain import maintain_tables
 
     if commits > rows:
         raise ValueError(f"--commits ({commits}) must not exceed the rows ({rows})")

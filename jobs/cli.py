@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -212,10 +213,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from jobs.score import ScoreRequest, ScoreUsageError, print_summary, run_score
+    from jobs.score import print_summary
     from jobs.train import stderr_log
     from pipelines.tables import TablesError, catalog_config
     from pipelines.tracking import ModelResolutionError, TrackingError
+    from pipelines.usecases.score import ScoreRequest, ScoreUsageError, run_score
 
     req = ScoreRequest(
         archive=args.archive,
@@ -231,6 +233,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         precision=args.precision,
         transforms=args.test_transforms,
         settings=args.settings,
+        actor_pid_dir=os.environ.get("FLOWSCORE_TEST_ACTOR_PID_DIR") or None,  # fault tests
     )
     try:
         out = run_score(req, stderr_log(args.quiet))
@@ -250,12 +253,12 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from jobs.nightly import JobUsageError, run_job
-    from jobs.score import ScoreUsageError
+    from jobs.nightly import JobUsageError, run_job_file
     from jobs.train import stderr_log
+    from pipelines.usecases.score import ScoreUsageError
 
     try:
-        return run_job(
+        return run_job_file(
             args.job,
             dry_run=args.dry_run,
             ray_address=args.ray_address,
@@ -293,9 +296,9 @@ def _date(text: str) -> datetime:
 
 
 def cmd_maintain(args: argparse.Namespace) -> int:
-    from jobs.maintain import MaintainUsageError, run_maintain
     from jobs.train import stderr_log
     from pipelines.maintenance import MaintainPolicy
+    from pipelines.usecases.maintain import MaintainUsageError, run_maintain
 
     policy = MaintainPolicy(
         target_file_bytes=int(args.target_file_mb * 2**20),
@@ -306,7 +309,7 @@ def cmd_maintain(args: argparse.Namespace) -> int:
     )
     try:
         return run_maintain(
-            args.table or [], policy, stderr_log(args.quiet), settings=args.settings
+            args.table or [], policy, stderr_log(args.quiet), print, settings=args.settings
         )
     except MaintainUsageError as e:
         raise UsageError(str(e)) from e

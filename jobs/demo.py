@@ -46,7 +46,7 @@ def run_demo(
     from sklearn.metrics import roc_auc_score
 
     from jobs.evaluate import EvalRequest, run_evaluate
-    from jobs.nightly import run_job
+    from jobs.nightly import run_job_file
     from jobs.query import run_query
     from jobs.report import run_report
     from jobs.tomlfile import toml_string
@@ -121,11 +121,11 @@ def run_demo(
         f"[4/7] flowscore run {job.name}: the nightly job scores the archive through Ray Data "
         "into the Iceberg tables (2019 is new to the model)"
     )
-    code = run_job(job, log=log, out=lambda m: _say("      " + m))
+    code = run_job_file(job, log=log, out=lambda m: _say("      " + m))
     if code != 0:
         return code
     _say(f"[5/7] flowscore run {job.name} once more: only what is new gets scored")
-    code = run_job(job, log=log, out=lambda m: _say("      " + m))
+    code = run_job_file(job, log=log, out=lambda m: _say("      " + m))
     if code != 0:
         return code
 

@@ -211,8 +211,8 @@ def test_nightly_job_with_an_s3_warehouse(
 def test_local_bundles_that_differ_only_in_threshold_are_different_versions(tmp_path, small_scorer):
     import copy
 
-    from jobs.score import model_identity
     from pipelines.tracking import ResolvedModel
+    from pipelines.usecases.score import model_identity
 
     other = copy.deepcopy(small_scorer)
     other.threshold = small_scorer.threshold + 1.0  # same weights, another verdict
@@ -239,9 +239,9 @@ def test_errors_are_per_model_version_read_errors_retried_and_cleared_when_score
     import pyarrow as pa
     import torch
 
-    from jobs.score import model_identity
     from pipelines.archive import list_archive
     from pipelines.tracking import ResolvedModel
+    from pipelines.usecases.score import model_identity
 
     archive = tmp_path / "archive"
     write_archive(archive, kind="factory", images=6, seed=4, height=64, width=96)

@@ -673,10 +673,10 @@ def test_a_file_above_the_size_limit_is_not_read_and_not_retried(tmp_path, monke
 @pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
 def test_flowscore_numbers_are_checked(monkeypatch, value):
     """Every FLOWSCORE_* number: a bad value is one clear error naming the variable."""
-    from jobs.nightly import JobUsageError, lock_lease_s
     from pipelines.score import max_file_bytes, stream_buffer_per_actor
     from pipelines.settings import SettingError
     from pipelines.storage import s3_settings
+    from pipelines.usecases.nightly import JobUsageError, lock_lease_s
 
     for name, read, error in (
         ("FLOWSCORE_LOCK_LEASE_S", lock_lease_s, JobUsageError),

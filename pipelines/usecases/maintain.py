@@ -1,15 +1,15 @@
-"""``flowscore maintain``: compaction, snapshot expiry and orphan removal of the result tables
-(:mod:`pipelines.maintenance`), under a lock of its own, one commit per table. Also run by
-``flowscore run`` when the job spec says ``[maintain] every = "7d"``."""
+"""Maintaining the result tables (``flowscore maintain``): compaction, snapshot expiry and
+orphan removal (:mod:`pipelines.maintenance`), under a lock of its own, one commit per table.
+Also run by the nightly job when its spec says ``[maintain] every = "7d"``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from pipelines.log import Log
-from pipelines.maintenance import MaintainPolicy, TableReport
-from pipelines.settings import Settings
+from ..log import Log
+from ..maintenance import MaintainPolicy, TableReport
+from ..settings import Settings
 
 __all__ = ["MAINTAIN_LOCK", "MaintainUsageError", "run_maintain", "maintain_tables", "is_due"]
 
@@ -87,14 +87,15 @@ def run_maintain(
     names: Sequence[str],
     policy: MaintainPolicy,
     log: Log,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None],
     settings: Settings | None = None,
 ) -> int:
     """The command: take the maintenance lock, maintain the tables, print one line each."""
-    from jobs.nightly import JobUsageError, lock_lease_s
     from pipelines import tables
     from pipelines.lock import JobLock, LockHeld, LockLost
     from pipelines.settings import SettingError, current
+
+    from .nightly import JobUsageError, lock_lease_s
 
     names = _check_tables(names)
     try:
