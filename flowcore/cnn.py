@@ -215,6 +215,10 @@ class CNNConfig:
     backbone: str = "resnet18"
     layers: tuple[str, ...] = ("layer2", "layer3")
     scale: float = 0.5
+    input_scales: tuple[float, ...] = (1.0,)
+    """DifferNet's multi-scale input: the image also goes through the backbone at these
+    factors of ``scale`` (the first is 1: the grid's own), and each one's features, sampled
+    at the grid's cells, are concatenated (``features`` grows by that factor)."""
 
     def __post_init__(self) -> None:
         if self.backbone not in _LAYERS:
@@ -244,11 +248,28 @@ class CNNConfig:
                 f"CNNConfig.scale must be in (0, {MAX_CNN_SCALE:g}], got {self.scale} "
                 "(above 1 the image is upsampled, for small images and small defects)"
             )
+        scales: Any = self.input_scales
+        if isinstance(scales, str) or not isinstance(scales, Sequence):
+            raise ValueError(f"CNNConfig.input_scales must be a list of numbers, got {scales!r}")
+        object.__setattr__(self, "input_scales", tuple(scales))
+        ok = all(
+            isinstance(f, int | float) and not isinstance(f, bool) and 0 < f <= 1
+            for f in self.input_scales
+        )
+        if not ok or not 1 <= len(self.input_scales) <= 4 or self.input_scales[0] != 1:
+            raise ValueError(
+                "CNNConfig.input_scales must be 1 to 4 factors in (0, 1], the first 1 (the "
+                f"grid's own scale), e.g. [1.0, 0.5, 0.25]; got {list(self.input_scales)}"
+            )
+        if len(set(self.input_scales)) != len(self.input_scales):
+            raise ValueError(f"CNNConfig.input_scales has duplicates: {list(self.input_scales)}")
 
     @property
     def features(self) -> int:
-        """Length of a feature vector: the channels of the chosen layers, summed."""
-        return sum(_LAYERS[self.backbone][n].channels for n in self.layers)
+        """Length of a feature vector: the channels of the chosen layers, summed, once per
+        input scale."""
+        per_scale = sum(_LAYERS[self.backbone][n].channels for n in self.layers)
+        return per_scale * len(self.input_scales)
 
     @property
     def dims(self) -> int:
@@ -276,6 +297,14 @@ def cnn_grid_shape(height: int, width: int, cfg: CNNConfig) -> tuple[int, int]:
             raise ValueError(
                 f"image {height}×{width} (×{cfg.scale}) is too small for {cfg.backbone} {name}"
             )
+    for f in cfg.input_scales[1:]:
+        hs, ws = scaled_size(height, width, cfg.scale * f)
+        for name in cfg.layers:
+            if table[name].size(hs) < 1 or table[name].size(ws) < 1:
+                raise ValueError(
+                    f"image {height}×{width} (×{cfg.scale * f:g}) is too small for "
+                    f"{cfg.backbone} {name}; drop input scale {f:g}"
+                )
     layer = table[cfg.finest]
     return layer.size(h), layer.size(w)
 
@@ -636,15 +665,18 @@ class CNNFeaturizer(nn.Module):
         checked = _check_state(self.backbone.state_dict(), state, source, what)
         self.backbone.load_state_dict(checked, strict=True)
 
-    def _resample(self, fmap: Tensor, name: str, size: tuple[int, int]) -> Tensor:
-        """Bilinear resampling of layer ``name`` (N, C, h, w) at the receptive-field centres
-        of the finest layer's cells (N, C, *size); edges are held."""
+    def _resample(
+        self, fmap: Tensor, name: str, size: tuple[int, int], factor: float = 1.0
+    ) -> Tensor:
+        """Bilinear resampling of layer ``name`` (N, C, h, w), computed on the input resized
+        by ``factor`` more, at the receptive-field centres of the finest layer's cells
+        (N, C, *size); edges are held."""
         table = _LAYERS[self.cfg.backbone]
         fine, coarse = table[self.cfg.finest], table[name]
         axes = []
         for n_out, n_in in zip(size, fmap.shape[-2:], strict=True):
             centres = fine.offset + fine.stride * torch.arange(n_out, dtype=fmap.dtype)
-            u = (centres - coarse.offset) / coarse.stride  # index in the coarse grid
+            u = (centres * factor - coarse.offset) / coarse.stride  # index in the coarse grid
             axes.append(u * (2.0 / (n_in - 1)) - 1.0 if n_in > 1 else torch.zeros_like(u))
         gy, gx = torch.meshgrid(axes[0], axes[1], indexing="ij")
         grid = torch.stack([gx, gy], dim=-1).to(fmap.device)[None].expand(fmap.shape[0], -1, -1, -1)
@@ -653,14 +685,20 @@ class CNNFeaturizer(nn.Module):
     def raw(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) in [0, 1] -> (N, D, gh, gw) features before standardisation."""
         cnn_grid_shape(x.shape[-2], x.shape[-1], self.cfg)  # a clear error if too small
-        x = resize(x, self.cfg.scale)
-        x = (x - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
-        out: dict[str, Tensor] = self.backbone(x)
-        size = (out[self.cfg.finest].shape[-2], out[self.cfg.finest].shape[-1])
-        maps = [
-            out[n] if out[n].shape[-2:] == size else self._resample(out[n], n, size)
-            for n in self.cfg.layers
-        ]
+        maps: list[Tensor] = []
+        size: tuple[int, int] | None = None
+        for factor in self.cfg.input_scales:
+            xs = resize(x, self.cfg.scale * factor)
+            xs = (xs - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+            out: dict[str, Tensor] = self.backbone(xs)
+            if size is None:  # the first factor is 1: its finest layer is the grid
+                size = (out[self.cfg.finest].shape[-2], out[self.cfg.finest].shape[-1])
+            maps += [
+                out[n]
+                if factor == 1 and out[n].shape[-2:] == size
+                else self._resample(out[n], n, size, factor)
+                for n in self.cfg.layers
+            ]
         return torch.cat(maps, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:

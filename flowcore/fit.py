@@ -765,10 +765,17 @@ _SCALARS = (
 )
 
 
+_OMITTED_AT_DEFAULT = {(CNNConfig, "input_scales")}
+"""Fields written only when they differ from their default, so that bundles which do not
+use them stay loadable by releases from before the field existed."""
+
+
 def featurizer_config_to_dict(cfg: FeaturizerConfig) -> dict[str, Any]:
     d: dict[str, Any] = {"type": _FEATURIZER_NAMES[type(cfg)]}
     for f in fields(cfg):
         v = getattr(cfg, f.name)
+        if (type(cfg), f.name) in _OMITTED_AT_DEFAULT and v == f.default:
+            continue
         d[f.name] = list(v) if isinstance(v, tuple) else v
     return d
 

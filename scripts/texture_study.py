@@ -34,7 +34,7 @@ KINDS = ("local", "dark_smooth", *synth.GLOBAL_CHANGES)
 
 def _value(text: str) -> Any:
     if "," in text or text.startswith("features") or text.startswith("layer"):
-        return tuple(t for t in text.split(",") if t)
+        return tuple(_value(t) if t[:1].isdigit() else t for t in text.split(",") if t)
     try:
         return int(text)
     except ValueError:
@@ -82,6 +82,9 @@ def main() -> None:
         action="store_true",
         help="image_statistic = auto: chosen on held-out views and synthetic anomalies",
     )
+    ap.add_argument(
+        "--test-transforms", type=int, default=1, metavar="N", help="test_transforms = N"
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
@@ -100,6 +103,7 @@ def main() -> None:
     )
     if args.auto:
         spec = replace(spec, image_statistic="auto")
+    spec = replace(spec, test_transforms=args.test_transforms)
     train, val, test = render_views(args.texture, args.seed)
     state = None
     if isinstance(spec.featurizer, CNNConfig):

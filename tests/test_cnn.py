@@ -664,3 +664,35 @@ def test_cnn_scorer_and_rows_on_cuda_match_cpu(cnn_scorer) -> None:
     np.testing.assert_allclose(cpu.grid, gpu.grid, rtol=1e-3, atol=1e-2)
     # cuDNN may use TF32 for convolutions: standardised rows agree to a few 1e-3
     torch.testing.assert_close(rows_cpu, rows_gpu.cpu(), rtol=2e-2, atol=2e-2)
+
+
+def test_multiscale_input_concatenates_the_scales_on_the_grid_of_the_first() -> None:
+    """DifferNet's multi-scale input: the features at factor 1 are the single-scale ones,
+    the others come from the image resized further and sampled at the same cells; the grid,
+    the geometry and the bundle follow."""
+    one = CNNConfig(layers=("layer2",), scale=1.0)
+    three = replace(one, input_scales=(1.0, 0.5, 0.25))
+    assert three.features == 3 * one.features == 384
+    a = CNNFeaturizer(one, seed=3).eval()
+    b = CNNFeaturizer(three, seed=3).eval()
+    x = to_tensor(np.stack(texture(2, 96, 128, 5)))
+    with torch.no_grad():
+        fa, fb = a.raw(x), b.raw(x)
+    assert fb.shape == (2, 384, *fa.shape[-2:])
+    torch.testing.assert_close(fb[:, :128], fa)
+    # factor 0.5 equals the backbone on the half-size image, resampled at the cells
+    from flowcore.windows import resize
+
+    with torch.no_grad():
+        half = (resize(x, 0.5) - a.pixel_mean[:, None, None]) / a.pixel_std[:, None, None]
+        want = a._resample(a.backbone(half)["layer2"], "layer2", tuple(fa.shape[-2:]), 0.5)
+    torch.testing.assert_close(fb[:, 128:256], want)
+    assert b.geometry == a.geometry
+    # the bundle dict names the scales only when used (older releases load the others)
+    assert "input_scales" not in featurizer_config_to_dict(one)
+    d = featurizer_config_to_dict(three)
+    assert d["input_scales"] == [1.0, 0.5, 0.25]
+    assert featurizer_config_from_dict(d) == three
+    for bad in ([0.5], [1.0, 1.0], [1.0, 0.0], [1.0, 2.0], "1.0", [1.0, True]):
+        with pytest.raises(ValueError, match="input_scales"):
+            CNNConfig(input_scales=bad)  # type: ignore[arg-type]
