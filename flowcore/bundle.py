@@ -3,7 +3,9 @@ versions) and ``weights.safetensors`` (every tensor). Loading never unpickles an
 JSON is parsed with ``json``, the tensors with safetensors, and every tensor's name, shape and
 dtype is checked against the model the JSON describes before any weight is used.
 
-Featurizers: ``windows`` (PCA mean, basis, scale) and ``cnn`` (the backbone's weights and
+Featurizers: ``windows`` (PCA mean, basis, scale), ``encoder`` (the autoencoder's encoder and
+decoder weights, the codes' standardisation and the reconstruction term's σ² and weight, under
+``featurizer.*``; the JSON holds its ``EncoderConfig``) and ``cnn`` (the backbone's weights and
 BatchNorm statistics, the ImageNet normalisation and the fitted standardisation, all in
 ``weights.safetensors`` under ``featurizer.*``; the JSON holds its ``CNNConfig``). The JSON of
 a ``windows`` bundle is unchanged since format version 1."""
@@ -22,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cnn import CNNFeaturizer
+from .encoder import EncoderConfig, EncoderFeaturizer
 from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
 from .flows.config import flow_elements
@@ -74,6 +77,8 @@ def _featurizer_from_meta(d: dict[str, Any], where: str) -> FeaturizerModule:
             return WindowFeaturizer(cfg)
         if isinstance(cfg, MultiScaleConfig):
             return MultiScaleFeaturizer(cfg)
+        if isinstance(cfg, EncoderConfig):
+            return EncoderFeaturizer(cfg)
         # allocated, not initialised: the strict check below guarantees every tensor is loaded
         return CNNFeaturizer(cfg, init=False)
     except (TypeError, ValueError, RuntimeError, MemoryError) as e:
@@ -302,6 +307,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     # the flow the JSON describes must fit in the weights file that holds its tensors: a JSON
     # that asks for a huge model is refused before it is built
     need = 4 * flow_elements(n_features, flow_cfg)
+    if isinstance(featurizer, EncoderFeaturizer):  # its weights are in the same file
+        need += 4 * featurizer.cfg.elements
     have = weights_path.stat().st_size
     if need > 4 * have + (16 << 20):
         raise BundleError(

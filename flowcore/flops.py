@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer, cnn_grid_shape
+from .encoder import EncoderFeaturizer, encoder_grid_shape
 from .flows.bnaf import MaskedWeight
 from .multiscale import MultiScaleFeaturizer
 from .scorer import FeaturizerModule, Scorer
@@ -34,10 +35,13 @@ def flow_flops_per_row(flow: nn.Module) -> int:
 
 
 @torch.no_grad()
-def backbone_flops(featurizer: CNNFeaturizer, height: int, width: int) -> int:
-    """FLOPs of the CNN featurizer's backbone on one (height × width) image: the convolutions
-    and linear layers it runs, from the shapes seen on a dry run of a zero image."""
+def backbone_flops(featurizer: CNNFeaturizer | EncoderFeaturizer, height: int, width: int) -> int:
+    """FLOPs of the CNN featurizer's backbone (or of the autoencoder's encoder) on one
+    (height × width) image: the convolutions and linear layers it runs, from the shapes seen
+    on a dry run of a zero image. The encoder's reconstruction term (the decoder) is not
+    counted."""
     total = 0
+    net = featurizer.backbone if isinstance(featurizer, CNNFeaturizer) else featurizer.encoder
 
     def hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
         nonlocal total
@@ -50,9 +54,7 @@ def backbone_flops(featurizer: CNNFeaturizer, height: int, width: int) -> int:
         total += 2 * per_out * out[0].numel()  # one image: the batch is 1
 
     handles = [
-        m.register_forward_hook(hook)
-        for m in featurizer.backbone.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
+        m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d | nn.Linear)
     ]
     try:
         featurizer.raw(torch.zeros(1, 3, height, width, device=featurizer.device))
@@ -64,7 +66,7 @@ def backbone_flops(featurizer: CNNFeaturizer, height: int, width: int) -> int:
 
 def featurizer_flops(featurizer: FeaturizerModule, height: int, width: int) -> int:
     """FLOPs of the featurizer on one full-resolution (height × width) image."""
-    if isinstance(featurizer, CNNFeaturizer):
+    if isinstance(featurizer, CNNFeaturizer | EncoderFeaturizer):
         return backbone_flops(featurizer, height, width)
     if isinstance(featurizer, MultiScaleFeaturizer):
         h, w = scaled_size(height, width, featurizer.cfg.scale)
@@ -83,6 +85,8 @@ def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
         gh, gw = cnn_grid_shape(height, width, feat.cfg)
     elif isinstance(feat, MultiScaleFeaturizer):
         gh, gw = feat.grid_shape(height, width)
+    elif isinstance(feat, EncoderFeaturizer):
+        gh, gw = encoder_grid_shape(height, width, feat.cfg)
     else:
         gh, gw = grid_shape(height, width, feat.cfg)
     windows = gh * gw

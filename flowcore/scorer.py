@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer
+from .encoder import EncoderFeaturizer
 from .flows import Flow, FlowConfig, MAFConfig
 from .multiscale import MultiScaleFeaturizer
 from .windows import Geometry, WindowFeaturizer, to_tensor
@@ -68,7 +69,7 @@ class Featurizer(Protocol):
     def geometry(self) -> Geometry: ...
 
 
-FeaturizerModule = WindowFeaturizer | CNNFeaturizer | MultiScaleFeaturizer
+FeaturizerModule = WindowFeaturizer | CNNFeaturizer | MultiScaleFeaturizer | EncoderFeaturizer
 """The featurizers a :class:`Scorer` (and a bundle) can hold; each has ``cfg``, ``geometry``
 and a ``mean`` buffer (which gives the device)."""
 
@@ -456,6 +457,14 @@ class Scorer(nn.Module):
         x = self._upload(images)
         if isinstance(self.featurizer, WindowFeaturizer | MultiScaleFeaturizer):
             feats, extra = self.featurizer.featurize(x)
+        elif isinstance(self.featurizer, EncoderFeaturizer):
+            if self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    feats, extra = self.featurizer.featurize(x)
+                feats = feats.float()
+                extra = None if extra is None else extra.float()
+            else:
+                feats, extra = self.featurizer.featurize(x)
         elif self.precision == "bf16":
             with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 feats = self.featurizer(x)

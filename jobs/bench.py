@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from flowcore.cnn import CNNConfig, CNNFeaturizer
+from flowcore.encoder import EncoderConfig, EncoderFeaturizer
 from flowcore.fit import PRESETS
 from flowcore.flops import flops_per_image
 from flowcore.flows import build_flow
@@ -79,9 +80,11 @@ def random_scorer(preset: str, seed: int = 0) -> Scorer:
     cfg = spec.featurizer
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    feat: WindowFeaturizer | MultiScaleFeaturizer | CNNFeaturizer
+    feat: WindowFeaturizer | MultiScaleFeaturizer | CNNFeaturizer | EncoderFeaturizer
     if isinstance(cfg, CNNConfig):
         feat = CNNFeaturizer(cfg, seed=seed).eval()
+    elif isinstance(cfg, EncoderConfig):
+        feat = EncoderFeaturizer(cfg, seed=seed).eval()
     elif isinstance(cfg, MultiScaleConfig):
         feat = MultiScaleFeaturizer(cfg)
         feat.fine = _random_windows(cfg.fine_config, gen)

@@ -21,7 +21,14 @@ __all__ = ["main", "build_parser", "UsageError"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 # names of flowcore.fit.PRESETS, repeated here so --help needs no torch import (a test checks)
-PRESET_NAMES = ("grain-full", "grain-quarter", "grain-multiscale", "cnn", "cnn-mobilenet")
+PRESET_NAMES = (
+    "grain-full",
+    "grain-quarter",
+    "grain-multiscale",
+    "cnn",
+    "cnn-mobilenet",
+    "ae-flow",
+)
 
 
 class UsageError(Exception):
@@ -608,7 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
         "MAF; grain-multiscale: 11×11 windows at stride 4 in their 46×46 context, one MAF "
         "(small defects; twice the arithmetic); cnn: resnet18 feature grid with an "
         "affine-coupling flow; cnn-mobilenet: MobileNetV2 features (give --backbone-weights "
-        "pkg:mobilenet_v2 for ImageNet weights, offline) (default: %(default)s)",
+        "pkg:mobilenet_v2 for ImageNet weights, offline); ae-flow: a convolutional "
+        "autoencoder trained on the images (28×28 grey windows, whole small images such as "
+        "Fashion-MNIST), an affine-coupling flow on its codes, plus its reconstruction "
+        "density (default: %(default)s)",
     )
     t.add_argument(
         "--config",

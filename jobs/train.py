@@ -223,6 +223,7 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     from flowcore.bundle import load_bundle, save_bundle
     from flowcore.fit import (
         AUTO_STATISTIC,
+        balance_recon,
         calibrate,
         choice_copies,
         choose_image_score,
@@ -353,6 +354,9 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
         )
         scorer = Scorer(featurizer, fit.flow, image_score=spec.image_score).eval()
         scorer.transforms = spec.test_transforms
+        gain = balance_recon(scorer, (img for _, img in iter_images(val)))
+        if gain is not None:
+            log(f"reconstruction term: weight {gain:.4g}, balanced on the held-out images")
         choice = None
         if spec.image_statistic == AUTO_STATISTIC:
             log(

@@ -242,7 +242,7 @@ def test_bench_measures_every_preset(preset, tmp_path) -> None:
     assert main([*args, "--no-bf16", "--json", str(path)]) == 0
     one = json.loads(path.read_text())
     assert one["scorer_images_per_s"] > 0 and one["gflop_per_image"] > 0
-    assert (one["naive_images_per_s"] is None) == preset.startswith(("cnn", "grain-multi"))
+    assert (one["naive_images_per_s"] is None) == preset.startswith(("cnn", "grain-multi", "ae"))
     if preset == "grain-quarter":
         assert main([*args, "--no-bf16", "--test-transforms", "2", "--json", str(path)]) == 0
         two = json.loads(path.read_text())
