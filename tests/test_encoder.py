@@ -351,3 +351,34 @@ def test_archive_labels_match_classes(tmp_path) -> None:
         assert np.array_equal(np.asarray(Image.open(out / r["path"])), xs[i])
     assert len(seen_classes) > 5  # test images of many classes
     assert sum(r["label"] == "0" for r in rows) >= 30
+
+
+@needs_dataset
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ae_flow_trains_evaluates_and_scores_end_to_end(ray_session, tmp_path, monkeypatch):
+    """Issue 15's "end to end on the embedded defaults": a one-class Fashion-MNIST archive,
+    `flowscore train --preset ae-flow` on Ray Train, `evaluate` against its labels, and
+    `score` into the tables, every image scored once."""
+    from jobs.cli import main
+    from pipelines import tables
+
+    fm = _fashion_mnist()
+    out = tmp_path / "fmnist"
+    assert fm.main(["archive", str(out), "--normal", "1", "--train", "80", "--test", "40"]) == 0
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("[featurizer]\nae_epochs = 3\n[fit]\nmax_epochs = 3\n")
+    train = ["train", "--archive", str(out), "--name", "fm1", "--preset", "ae-flow"]
+    assert main([*train, "--only", "split=train", "--config", str(cfg), "--quiet"]) == 0
+    report = tmp_path / "eval.json"
+    args = ["--archive", str(out), "--model", "models:/fm1@champion", "--only", "split=test"]
+    assert main(["evaluate", *args, "--json", str(report), "--no-mlflow", "--quiet"]) == 0
+    r = json.loads(report.read_text())
+    assert r["images"] == 40 and 0 < r["anomalous"] < 40
+    assert 0.5 < r["image_auroc"]["flow"] <= 1.0  # trousers against the rest, 3 epochs
+    assert main(["score", *args, "--quiet"]) == 0
+    scores = tables.load_catalog_().load_table("flowscore.image_scores").scan().to_arrow()
+    assert scores.num_rows == 40
+    assert set(scores.column("grid_h").to_pylist()) == {1}  # one code per 28×28 image
