@@ -153,9 +153,19 @@ def _only(values: list[str] | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from jobs.train import TrainRequest, TrainUsageError, run_train, stderr_log
+    from jobs.train import load_spec, stderr_log
     from pipelines.tracking import ModelResolutionError, TrackingError
+    from pipelines.train import TrainFault
+    from pipelines.usecases.train import TrainRequest, TrainUsageError, run_train
 
+    fault = None
+    if os.environ.get("FLOWSCORE_FAULT_TRAIN"):  # test hook: EPOCH:MARKER, rank 0 raises once
+        epoch, marker = os.environ["FLOWSCORE_FAULT_TRAIN"].split(":", 1)
+        fault = TrainFault(int(epoch), marker)
+    try:
+        spec = load_spec(args.preset, args.config, args.max_epochs, args.calibrate_by)
+    except TrainUsageError as e:
+        raise UsageError(str(e)) from e
     req = TrainRequest(
         archive=args.archive,
         name=args.name,
@@ -173,6 +183,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         storage_path=args.storage_path,
         ray_address=args.ray_address,
         max_failures=args.max_failures,
+        spec=spec,
+        settings=args.settings,
+        fault=fault,
     )
     try:
         out = run_train(req, stderr_log(args.quiet))
@@ -194,9 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from jobs.evaluate import EvalRequest, EvalUsageError, run_evaluate
+    from jobs.evaluate import print_evaluation
     from jobs.train import stderr_log
     from pipelines.tracking import ModelResolutionError, TrackingError
+    from pipelines.usecases.evaluate import EvalRequest, EvalUsageError, run_evaluate
 
     req = EvalRequest(
         archive=args.archive,
@@ -210,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         precision=args.precision,
     )
     try:
-        run_evaluate(req, stderr_log(args.quiet))
+        print_evaluation(run_evaluate(req, stderr_log(args.quiet)))
     except (EvalUsageError, TrackingError, ModelResolutionError) as e:
         raise UsageError(str(e)) from e
     return EXIT_OK

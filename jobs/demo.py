@@ -45,15 +45,17 @@ def run_demo(
 
     from sklearn.metrics import roc_auc_score
 
-    from jobs.evaluate import EvalRequest, run_evaluate
+    from jobs.evaluate import print_evaluation
     from jobs.nightly import run_job_file
     from jobs.query import run_query
     from jobs.report import run_report
     from jobs.tomlfile import toml_string
-    from jobs.train import TrainRequest, run_train
+    from jobs.train import load_spec
     from pipelines import tables, tracking
     from pipelines.synth import write_archive
     from pipelines.truth import read_labels
+    from pipelines.usecases.evaluate import EvalRequest, run_evaluate
+    from pipelines.usecases.train import TrainRequest, run_train
 
     t_start = time.perf_counter()
     workdir = workdir.resolve()
@@ -88,6 +90,7 @@ def run_demo(
             name="demo-grain",
             preset="grain-quarter",
             config=str(config),
+            spec=load_spec("grain-quarter", str(config)),
             workers=workers,
             only=(("year", TRAIN_YEARS),),
             skip_labelled_anomalies=True,
@@ -100,7 +103,7 @@ def run_demo(
     )
 
     _say(f"[3/7] flowscore evaluate on {TEST_YEAR}: the flow beside four baselines")
-    run_evaluate(
+    evaluation = run_evaluate(
         EvalRequest(
             archive=str(archive),
             model="models:/demo-grain@champion",
@@ -109,6 +112,7 @@ def run_demo(
         ),
         log,
     )
+    print_evaluation(evaluation)
 
     job = workdir / "demo-nightly.toml"
     job.write_text(

@@ -481,7 +481,7 @@ class EvaluationResult:
 
     def curves(self, kind: str = "image") -> dict[str, tuple[np.ndarray, np.ndarray, float | None]]:
         """``{method: (fpr, tpr, auroc)}`` of the ``"image"`` or ``"pixel"`` ROC curves, for
-        methods where the curve is defined (input of ``jobs.render.save_roc_curves``)."""
+        methods where the curve is defined (input of ``pipelines.plots.save_roc_curves``)."""
         if kind not in ("image", "pixel"):
             raise ValueError(f"kind must be 'image' or 'pixel', got {kind!r}")
         out: dict[str, tuple[np.ndarray, np.ndarray, float | None]] = {}

@@ -540,7 +540,7 @@ def test_torchvision_names_fail_cleanly_offline(no_download) -> None:
 
 
 def test_train_turns_weight_errors_into_usage_errors(no_download) -> None:
-    from jobs.train import TrainRequest, TrainUsageError, _backbone_state
+    from pipelines.usecases.train import TrainRequest, TrainUsageError, _backbone_state
 
     req = TrainRequest(archive="x", name="n", preset="cnn", backbone_weights="pkg:nope")
     with pytest.raises(TrainUsageError, match="pkg:nope: unknown"):

@@ -11,7 +11,6 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from flowcore.scorer import STATISTICS, Geometry, heatmap_to_image
-from jobs.render import save_roc_curves
 from pipelines.evaluation import (
     BASELINES,
     METHODS,
@@ -24,6 +23,7 @@ from pipelines.evaluation import (
     image_auroc,
     score_grid,
 )
+from pipelines.plots import save_roc_curves
 
 DIM = 8
 
