@@ -25,7 +25,6 @@ from safetensors.torch import load_file, save_file
 
 from .cnn import CNNFeaturizer
 from .encoder import EncoderConfig, EncoderFeaturizer
-from .fit import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
 from .flows.config import flow_elements
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
@@ -38,6 +37,7 @@ from .scorer import (
     ImageScore,
     Scorer,
 )
+from .spec import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
 from .windows import WindowConfig, WindowFeaturizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]

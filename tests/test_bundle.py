@@ -117,3 +117,19 @@ def test_test_time_transforms_round_trip_and_are_checked(small_scorer, tmp_path)
     del meta["test_transforms"]  # bundles from before them: none
     (d / "flowscore.json").write_text(json.dumps(meta))
     assert load_bundle(d).transforms == 1
+
+
+def test_loading_a_bundle_does_not_import_the_fitting_code(small_scorer, tmp_path) -> None:
+    """The spec and its parsing live in flowcore.spec: a scorer process (a Ray actor)
+    loads bundles without importing flowcore.fit and what it pulls in."""
+    import subprocess
+    import sys
+
+    d = save_bundle(small_scorer, tmp_path / "b")
+    code = (
+        "import sys; from flowcore.bundle import load_bundle; "
+        f"load_bundle({str(d)!r}); "
+        "print(sorted(m for m in ('flowcore.fit', 'flowcore.synthetic') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -29,12 +29,12 @@ from flowcore.encoder import (
 from flowcore.fit import (
     PRESETS,
     ConfigError,
-    FitConfig,
     fit_scorer,
     spec_from_dict,
     spec_to_dict,
 )
 from flowcore.flops import flops_per_image
+from flowcore.training import FitConfig
 from flowcore.windows import to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]

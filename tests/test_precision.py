@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from flowcore.bundle import BundleError, load_bundle, save_bundle
-from flowcore.fit import FitConfig, ScorerSpec, fit_scorer
+from flowcore.fit import ScorerSpec, fit_scorer
 from flowcore.flows import MAFConfig
 from flowcore.precision import GATES, PrecisionGates, check_precision, has_bf16_units, spearman
 from flowcore.scorer import resolve_precision
+from flowcore.training import FitConfig
 from flowcore.windows import WindowConfig, conv_windows_bf16
 from pipelines.synth import render_image
 
