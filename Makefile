@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export RAY_DATA_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: test test-fast demo lint typecheck pytest install clean
+.PHONY: test test-fast demo lint typecheck pytest install clean datasets
 
 install: $(STAMP)
 
@@ -41,6 +41,13 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/flowscore demo $(DEMO_ARGS)
+
+# Fashion-MNIST for the encoder + flow study and its tests (optional: they skip with a message
+# without it): Debian's dataset-fashion-mnist; scripts/fashion_mnist.py checks each file's SHA-256
+datasets:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt-get install -y dataset-fashion-mnist \
+	  || { echo "as root: apt-get install dataset-fashion-mnist"; exit 1; }
+	$(BIN)/python scripts/fashion_mnist.py check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--train", type=int, default=2000, help="normal training images (0: all)")
     a.add_argument("--test", type=int, default=2000, help="test images (0: all 10000)")
     a.add_argument("--seed", type=int, default=0)
+    sub.add_parser("check", help="check that the four files are there, with their SHA-256")
     s = sub.add_parser("study", help="the 10-class one-vs-rest table, in process")
     s.add_argument("--train", type=int, default=2000, help="normal training images per class")
     s.add_argument("--test", type=int, default=2000, help="test images (all classes)")
@@ -362,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     try:
+        if args.command == "check":
+            check_files(Path(args.data))
+            print(f"{args.data}: the four Fashion-MNIST files, SHA-256 as pinned")
+            return 0
         if args.command == "archive":
             n = write_archive(
                 Path(args.out), args.normal, args.train, args.test, args.seed, Path(args.data)
