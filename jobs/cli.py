@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -438,6 +439,13 @@ _S3_HELP = (
 )
 
 
+def _parent(flags: tuple[str, ...], **kwargs: Any) -> argparse.ArgumentParser:
+    """A parent parser holding one shared option (``add_parser(..., parents=[...])``)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowscore",
@@ -446,9 +454,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'flowscore COMMAND --help' for the flags of a command.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # options several commands share, declared once
+    quiet = _parent(("--quiet",), action="store_true", help="no progress lines")
+    cluster = _parent(
+        ("--ray-address",), help="Ray cluster address (default: RAY_ADDRESS or local)"
+    )
+    only = _parent(
+        ("--only",),
+        action="append",
+        metavar="KEY=V1,V2",
+        help="only the images whose path column KEY is one of the values, e.g. "
+        "--only year=2017,2018 (repeatable)",
+    )
+    model = _parent(
+        ("--model",),
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir",
+    )
 
     s = sub.add_parser(
         "synth",
+        parents=[quiet],
         help="write a synthetic archive with ground truth",
         description="Write a synthetic archive in flowscore's layout: JPEG images (460×640) "
         "under year=YYYY/camera=K/ with timestamps in their names, _truth/labels.csv "
@@ -484,11 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--cameras", type=_positive_int, default=2, help="cameras per year (default: %(default)s)"
     )
-    s.add_argument("--quiet", action="store_true", help="no progress lines")
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser(
         "bench",
+        parents=[quiet],
         help="throughput beside the machine's fp32 matmul roofline",
         description="Measure on this machine: FLOPs per image (from the model's shapes), the "
         "fp32 matmul rate, the roofline (images/s if every FLOP ran at that rate), the "
@@ -604,11 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: a temporary folder, removed)",
     )
     b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
-    b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser(
         "train",
+        parents=[only, cluster, quiet],
         help="fit a scorer on Ray Train, log it to MLflow, register a model version",
         description="Fit a scorer on the images of an archive with Ray Train: whole images "
         "are held out for validation, the featurizer (PCA basis) is fitted on a sample of "
@@ -657,13 +683,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the last unfinished run of NAME from its latest checkpoint",
     )
     t.add_argument(
-        "--only",
-        action="append",
-        metavar="KEY=V1,V2",
-        help="train on images whose path column KEY is one of the values, e.g. "
-        "--only year=2017,2018 (repeatable)",
-    )
-    t.add_argument(
         "--skip-labelled-anomalies",
         action="store_true",
         help="leave out images that the archive's _truth/labels.csv marks anomalous",
@@ -693,7 +712,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker-group failures recovered from the last checkpoint before the job "
         "fails (default: %(default)s)",
     )
-    t.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     t.add_argument(
         "--storage-path",
         metavar="URI",
@@ -701,11 +719,11 @@ def build_parser() -> argparse.ArgumentParser:
         "reaches, or s3://bucket/prefix (default: the job's folder under FLOWSCORE_HOME, "
         "which only a one-node cluster shares); --resume reuses the one the run started with",
     )
-    t.add_argument("--quiet", action="store_true", help="no progress lines")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
         "evaluate",
+        parents=[model, only, quiet],
         help="image and pixel AUROC against ground truth, beside baselines",
         description="Score the labelled images of an archive (_truth/labels.csv, masks in "
         "_truth/masks/) and report image AUROC (anomaly_score) and pixel AUROC (heatmap vs "
@@ -715,15 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and logs an MLflow run linked to the model version.",
     )
     e.add_argument("--archive", required=True, help="labelled archive: local path or s3://")
-    e.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir"
-    )
     e.add_argument("--json", metavar="PATH", help="also write the result object here")
     e.add_argument(
         "--out", metavar="DIR", help="ROC PNGs and JSON (default: FLOWSCORE_HOME/evaluate/…)"
-    )
-    e.add_argument(
-        "--only", action="append", metavar="KEY=V1,V2", help="evaluate on these images only"
     )
     e.add_argument(
         "--train-archive",
@@ -746,11 +758,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training windows the baselines are fitted on (default: %(default)s)",
     )
     e.add_argument("--no-mlflow", action="store_true", help="do not log the evaluation run")
-    e.add_argument("--quiet", action="store_true", help="no progress lines")
     e.set_defaults(func=cmd_evaluate)
 
     sc = sub.add_parser(
         "score",
+        parents=[model, only, cluster, quiet],
         help="stream an archive through scorer actors into the Iceberg tables",
         description="List the archive, read and decode its images in Ray Data CPU tasks, "
         "score them in a pool of actors that load the model once, and commit the rows to "
@@ -759,9 +771,6 @@ def build_parser() -> argparse.ArgumentParser:
         "every row carries that version. A runs row and an MLflow run record the run. " + _S3_HELP,
     )
     sc.add_argument("--archive", required=True, help="local path or s3://bucket/prefix")
-    sc.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or a bundle dir"
-    )
     sc.add_argument(
         "--actors", type=_positive_int, default=1, help="scorer actors (default: %(default)s)"
     )
@@ -805,14 +814,6 @@ def build_parser() -> argparse.ArgumentParser:
         "log-likelihoods, at N times the cost (default: the model's own, set at training "
         "by test_transforms; its threshold was calibrated with that many)",
     )
-    sc.add_argument(
-        "--only",
-        action="append",
-        metavar="KEY=V1,V2",
-        help="score only images whose path column KEY is one of the values (repeatable)",
-    )
-    sc.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    sc.add_argument("--quiet", action="store_true", help="no progress lines")
     sc.set_defaults(func=cmd_score)
 
     q = sub.add_parser(
@@ -848,6 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "run",
+        parents=[cluster, quiet],
         help="the nightly job: score what is new, incremental, resumable, locked",
         description="Run the job described by JOB.toml ([job] name, archive, model; optional "
         "[score] actors, use_gpu, heatmaps, commit_every, max_error_rate). The model is "
@@ -859,12 +861,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("job", metavar="JOB.toml", help="the job spec")
     r.add_argument("--dry-run", action="store_true", help="print what would be scored, stop")
-    r.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.set_defaults(func=cmd_run)
 
     mt = sub.add_parser(
         "maintain",
+        parents=[quiet],
         help="compact small files, expire old snapshots, remove orphan files of the tables",
         description="Keep the result tables fast after years of nightly commits. For each "
         "table: small data files of a partition are rewritten into files of about "
@@ -915,11 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument(
         "--dry-run", action="store_true", help="print what would change, change nothing"
     )
-    mt.add_argument("--quiet", action="store_true", help="no progress lines")
     mt.set_defaults(func=cmd_maintain)
 
     rp = sub.add_parser(
         "report",
+        parents=[quiet],
         help="an HTML page of a run: worst/best images with heatmaps, box plots, trends",
         description="Write a self-contained folder (index.html and PNGs) for one scoring run "
         "(default: the latest with rows): the worst and best images beside their heatmap "
@@ -958,7 +959,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--top", type=_positive_int, default=8, help="worst and best images shown (default: 8)"
     )
-    rp.add_argument("--quiet", action="store_true", help="no progress lines")
     rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser(
