@@ -1,7 +1,6 @@
 """The report's charts (box plots, histograms, trends, bars), each drawn on a bare matplotlib
 ``Figure`` with the Agg canvas and written as one PNG. The pictures the use cases log to
-MLflow (overlays, ROC curves, the loss curve) are in :mod:`pipelines.plots`, re-exported
-here for the report."""
+MLflow (overlays, ROC curves, the loss curve) are in :mod:`pipelines.plots`."""
 
 from __future__ import annotations
 
@@ -11,21 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.plots import figure as _figure
-from pipelines.plots import (
-    overlay,
-    save_loss_curve,
-    save_overlay,
-    save_roc_curves,
-    side_by_side,
-)
 from pipelines.plots import save_figure as _save
 
 __all__ = [
-    "overlay",
-    "side_by_side",
-    "save_overlay",
-    "save_roc_curves",
-    "save_loss_curve",
     "save_image_boxplots",
     "save_histogram",
     "save_trend",

@@ -25,7 +25,7 @@ Contents (PNG file names):
 1. header: run id, job, model name/version, archive, start/end, status, counts and images/s
    from ``runs``, plus the rows this run still has in the tables;
 2. the worst and best ``top`` images by ``anomaly_score`` (``worst_NN.png``,
-   ``best_NN.png``): original | heatmap overlay (:func:`jobs.render.save_overlay`: dark red =
+   ``best_NN.png``): original | heatmap overlay (:func:`pipelines.plots.save_overlay`: dark red =
    low likelihood, clipped to the model's ``heatmap_clip`` when the registry has the model,
    else to the (0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the
    run's images), captioned with the path columns, ``captured_at``, ``quality``,
@@ -458,7 +458,7 @@ def _image_picture(
     from PIL import Image
 
     from flowcore.scorer import Geometry
-    from jobs.render import overlay, save_overlay
+    from pipelines.plots import overlay, save_overlay
 
     geometry = _geometry(row)
     grid = _grid(row, clip) if geometry is not None else None

@@ -35,17 +35,20 @@ def _plain_text() -> None:
     matplotlib.rcParams["text.parse_math"] = False
 
 
-def figure(width: float, height: float) -> Any:
+def figure(width: float, height: float, dpi: int = 100) -> Any:
+    """A bare matplotlib ``Figure`` on the Agg canvas (no pyplot state, no GUI backend;
+    matplotlib is imported here, only when a picture is drawn)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     _plain_text()
-    fig = Figure(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay the figure out, write it as a PNG (folders created) and release its artists."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -105,15 +108,7 @@ def save_roc_curves(
 
     Uses a bare matplotlib ``Figure`` on the Agg canvas: no pyplot state, no GUI backend, and
     nothing left open once the function returns."""
-    # Imported here: matplotlib costs a noticeable import time that only this needs.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _plain_text()
-    fig = Figure(figsize=(5.5, 5.0), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = figure(5.5, 5.0, dpi=110)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (fpr, tpr, auc) in curves.items():
@@ -134,23 +129,13 @@ def save_roc_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(p, format="png")
-    fig.clear()
-    return p
+    return save_figure(fig, path)
 
 
 def save_loss_curve(path: str | Path, history: list[dict[str, float]], title: str) -> Path:
     """Write the per-epoch training and validation NLL (nats per window) as a PNG, the best
     epoch marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    _plain_text()
-    fig = Figure(figsize=(6.0, 4.0), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = figure(6.0, 4.0, dpi=110)
     ax = fig.add_subplot()
     epochs = [int(h["epoch"]) for h in history]
     ax.plot(epochs, [h["train_nll"] for h in history], marker="o", label="train NLL")
@@ -169,6 +154,4 @@ def save_loss_curve(path: str | Path, history: list[dict[str, float]], title: st
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(p)
-    return p
+    return save_figure(fig, path)

@@ -58,7 +58,7 @@ _KEY_SCORES = ["image_uri", "etag", "model_version"]
 
 #: files above this size are not read (an error row instead): a 1 GiB file read whole took
 #: 1.1 GB of a decode task's memory
-DEFAULT_MAX_FILE_BYTES = 256 * 2**20
+DEFAULT_MAX_FILE_BYTES = int(settings_mod.DEFAULT_MAX_FILE_MB * 2**20)
 MAX_FILE_ENV = settings_mod.MAX_FILE_ENV
 TOO_LARGE = "FileTooLarge"
 
@@ -85,7 +85,7 @@ class ScoreConfig:
     device: str = "cpu"
     batch_size: int = 8
     max_pixels: int = 100_000_000
-    max_bytes: int = 256 * 2**20  # files above it are not read (FLOWSCORE_MAX_FILE_MB)
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are not read (FLOWSCORE_MAX_FILE_MB)
     precision: str = "fp32"  # the featurizer's arithmetic (Scorer.set_precision)
     transforms: int | None = None  # test-time transforms (None: the model's own)
     pid_dir: str | None = None  # test hook: each actor leaves a file named by its pid
@@ -327,7 +327,7 @@ DECODE_TASK_MEMORY = 256 * 2**20
 #: the actors and the store grows with the archive (measured: 170 MB for 200 images of
 #: 460×640, 528 MB for 800; capped at 256 MB: 116 and 136 MB, same images/s).
 #: ``FLOWSCORE_STREAM_BUFFER_MB`` overrides it (per actor).
-STREAM_BUFFER_PER_ACTOR = 256 * 2**20
+STREAM_BUFFER_PER_ACTOR = int(settings_mod.DEFAULT_STREAM_BUFFER_MB * 2**20)
 #: images per data file written to image_scores
 FILE_IMAGES = 2000
 #: seconds between progress callbacks while a commit fills up

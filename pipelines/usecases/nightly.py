@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from ..log import Log
 from ..maintenance import MaintainPolicy
-from ..settings import Settings
+from ..settings import LOCK_LEASE_ENV, Settings
 
 __all__ = ["JobSpec", "JobUsageError", "run_job", "lock_lease_s"]
 
@@ -70,7 +70,7 @@ class JobSpec:
     maintain: MaintainPolicy = field(default_factory=MaintainPolicy)
 
 
-LEASE_ENV = "FLOWSCORE_LOCK_LEASE_S"
+LEASE_ENV = LOCK_LEASE_ENV
 
 
 def lock_lease_s(settings: Settings | None = None) -> float:
