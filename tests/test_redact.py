@@ -184,13 +184,14 @@ def test_outage_message_does_not_echo_a_presigned_url(monkeypatch):
 
 def test_cli_prints_an_outage_without_the_presigned_url(monkeypatch, capsys):
     import jobs.cli as cli
+    import jobs.commands.query as query_command
 
     def outage(args):
         raise RuntimeError("chunk failed") from StorageUnavailable(
             f"S3 storage unavailable: could not read {PRESIGNED}"
         )
 
-    monkeypatch.setattr(cli, "cmd_query", outage)
+    monkeypatch.setattr(query_command, "run", outage)
     assert cli.main(["query", "select 1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "X-Amz-Signature=***" in err
