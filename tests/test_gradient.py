@@ -1,0 +1,174 @@
+"""Gradient maps (flowcore/gradient.py): the backpropagated pixel gradient against finite
+differences in float64, the smoothing and pooling against an explicit reference, the map's
+shape and where it peaks, and the refusal for window models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from flowcore.cnn import CNNConfig, CNNFeaturizer
+from flowcore.fit import fit_scorer
+from flowcore.flows import CouplingConfig, build_flow
+from flowcore.gradient import (
+    GradientMapError,
+    check_gradient_support,
+    default_sigma,
+    gradient_map,
+    heatmap_grid,
+    pixel_gradient,
+    pool_to_grid,
+)
+from flowcore.scorer import Scorer
+from flowcore.spec import PRESETS
+from flowcore.training import FitConfig
+from flowcore.windows import Geometry
+from tests.conftest import texture
+
+
+def _tiny(scale: float = 0.5) -> Scorer:
+    """resnet18 cut at layer1 (random weights, seeded) + a 2-block coupling flow."""
+    torch.manual_seed(0)
+    cfg = CNNConfig(backbone="resnet18", layers=("layer1",), scale=scale)
+    feat = CNNFeaturizer(cfg, seed=0).eval()
+    flow = build_flow(cfg.features, CouplingConfig(blocks=2, hidden=(16,)))
+    return Scorer(feat, flow).eval()
+
+
+def test_pixel_gradient_matches_finite_differences_in_float64() -> None:
+    """∂(−Σ ll)/∂x by backpropagation (resize, backbone, standardisation, flow) against
+    central differences of the image NLL at 8 pixels, float64."""
+    scorer = _tiny(scale=0.5).double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 40, 56, generator=gen, dtype=torch.float64)
+    grad, grid = pixel_gradient(scorer, x)
+    assert grad.shape == x.shape and grad.dtype == torch.float64
+    assert grid.shape[0] == 2
+
+    def nll(xx: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(-scorer.grid_from_features(scorer.featurizer(xx)).sum())
+
+    eps = 1e-6
+    picks = torch.randint(0, x.numel(), (8,), generator=gen)
+    for flat in picks.tolist():
+        idx = np.unravel_index(flat, tuple(x.shape))
+        up, down = x.clone(), x.clone()
+        up[idx] += eps
+        down[idx] -= eps
+        fd = (nll(up) - nll(down)) / (2 * eps)
+        assert abs(fd - float(grad[idx])) <= 1e-5 * max(1.0, abs(fd)), (idx, fd, float(grad[idx]))
+    # and the gradient is not trivially zero
+    assert float(grad.abs().max()) > 0
+
+
+def _box_reference(pixel_map: np.ndarray, geometry: Geometry, gh: int, gw: int) -> np.ndarray:
+    """The mean of a continuous box of stride/scale pixels around each cell centre, pixels
+    weighted by their overlap with it (interior cells only are compared)."""
+    size = round(geometry.stride / geometry.scale)
+
+    def weights(centre: float, n: int) -> np.ndarray:
+        lo, hi = centre - size / 2, centre + size / 2
+        k = np.arange(n)
+        return np.clip(np.minimum(k + 1, hi) - np.maximum(k, lo), 0, None) / size
+
+    s, w, sc = geometry.stride, geometry.window, geometry.scale
+    out = np.zeros((gh, gw))
+    for i in range(gh):
+        wy = weights((i * s + w / 2) / sc, pixel_map.shape[0])
+        for j in range(gw):
+            wx = weights((j * s + w / 2) / sc, pixel_map.shape[1])
+            out[i, j] = wy @ pixel_map @ wx
+    return out
+
+
+@pytest.mark.parametrize(
+    "geometry", [Geometry(1, 4, 1.0), Geometry(1, 8, 0.5), Geometry(3, 4, 1.0)]
+)
+def test_pooling_is_the_box_mean_around_each_cell_centre(geometry) -> None:
+    rng = np.random.default_rng(0)
+    m = rng.random((70, 90))
+    # the cells a featurizer of this geometry has on a 70×90 image
+    gh = int((70 * geometry.scale - geometry.window) // geometry.stride) + 1
+    gw = int((90 * geometry.scale - geometry.window) // geometry.stride) + 1
+    got = pool_to_grid(torch.from_numpy(m)[None], geometry, gh, gw)[0].numpy()
+    ref = _box_reference(m, geometry, gh, gw)
+    inner = (slice(1, gh - 1), slice(1, gw - 1))
+    np.testing.assert_allclose(got[inner], ref[inner], rtol=1e-10, atol=1e-12)
+
+
+def test_map_has_the_likelihood_grids_shape_and_is_non_negative() -> None:
+    scorer = _tiny()
+    imgs = np.stack(texture(3, 64, 96, 5))
+    m = gradient_map(scorer, imgs, batch=2)  # two backward passes: 2 + 1 images
+    grid = scorer.score(imgs).grid
+    assert tuple(m.shape) == grid.shape
+    assert m.dtype == torch.float32 and bool((m >= 0).all()) and float(m.max()) > 0
+    # per image, independent of the batching
+    one = gradient_map(scorer, imgs[2:], batch=1)
+    torch.testing.assert_close(m[2:], one, rtol=1e-4, atol=1e-6)
+    # the column's values: minus the map; the likelihood kind passes the grid through
+    col = heatmap_grid(scorer, imgs, "gradient", grid)
+    np.testing.assert_allclose(col, -m.numpy(), rtol=1e-4, atol=1e-6)
+    assert heatmap_grid(scorer, imgs, "likelihood", grid) is grid
+    with pytest.raises(ValueError, match="likelihood, gradient"):
+        heatmap_grid(scorer, imgs, "saliency", grid)
+
+
+def test_smoothing_spreads_but_keeps_the_total() -> None:
+    scorer = _tiny(scale=1.0)
+    imgs = np.stack(texture(1, 64, 96, 6))
+    raw = gradient_map(scorer, imgs, sigma=0)
+    smooth = gradient_map(scorer, imgs, sigma=6)
+    assert default_sigma(scorer.geometry) == 2.0  # half of stride 4 at scale 1
+    assert float(smooth.std()) < float(raw.std())  # a Gaussian evens it out
+    np.testing.assert_allclose(float(smooth.mean()), float(raw.mean()), rtol=0.1)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Scorer:
+    """The cnn preset, shrunk: a small coupling flow fitted on smooth textures."""
+    torch.manual_seed(0)
+    spec = replace(
+        PRESETS["cnn"],
+        featurizer=CNNConfig(backbone="resnet18", layers=("layer1", "layer2"), scale=0.5),
+        flow=CouplingConfig(blocks=2, hidden=(32,)),
+        fit=FitConfig(max_epochs=4, batch_size=128, lr=1e-3),
+        windows_per_image=60,
+        basis_rows=600,
+    )
+    scorer, _ = fit_scorer(texture(10, 96, 128, 1), texture(3, 96, 128, 2), spec)
+    return scorer
+
+
+@pytest.mark.parametrize(
+    "seed, top, left", [(11, 20, 24), (12, 56, 88), (13, 64, 16), (16, 70, 50)]
+)
+def test_map_peaks_on_the_defect(fitted, seed, top, left) -> None:
+    """A blue 12×12 square (a colour no training texture has) pasted into a normal texture:
+    the map's largest cell is one whose centre lies on the square or next to it, and it is
+    well above the typical cell elsewhere."""
+    img = texture(1, 96, 128, seed)[0].copy()
+    img[top : top + 12, left : left + 12] = (40, 90, 230)
+    m = gradient_map(fitted, img[None])[0].numpy()
+    geo = fitted.geometry
+    cy = (np.arange(m.shape[0]) * geo.stride + geo.window / 2) / geo.scale
+    cx = (np.arange(m.shape[1]) * geo.stride + geo.window / 2) / geo.scale
+    step = geo.stride / geo.scale
+    near_y = (cy >= top - step) & (cy <= top + 12 + step)
+    near_x = (cx >= left - step) & (cx <= left + 12 + step)
+    near = near_y[:, None] & near_x[None, :]
+    i, j = np.unravel_index(int(m.argmax()), m.shape)
+    assert near[i, j], (i, j, m.shape)
+    assert m[near].max() > 5 * np.median(m[~near])
+
+
+def test_window_models_are_refused_in_one_line(small_scorer) -> None:
+    with pytest.raises(GradientMapError, match="grain-full") as e:
+        check_gradient_support(small_scorer)
+    assert "\n" not in str(e.value) and "cnn-mobilenet" in str(e.value)
+    with pytest.raises(GradientMapError):
+        gradient_map(small_scorer, np.stack(texture(1, 48, 64, 3)))
