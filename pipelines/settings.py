@@ -157,6 +157,9 @@ class Settings:
     follow_links: bool = False
     ray_address: str | None = None
     """``--ray-address``, else ``$RAY_ADDRESS``; None: a local Ray."""
+    maintain_fault: str = ""
+    """``$FLOWSCORE_FAULT_MAINTAIN``: a test hook, the point of maintenance at which the
+    process kills itself (``pipelines.usecases.maintain``); empty in real use."""
 
     @classmethod
     def from_env(
@@ -200,6 +203,7 @@ class Settings:
             ),
             follow_links=(text(FOLLOW_LINKS_ENV) or "").lower() in ("1", "true", "yes"),
             ray_address=ray_address or text("RAY_ADDRESS"),
+            maintain_fault=text("FLOWSCORE_FAULT_MAINTAIN") or "",
         )
 
 

@@ -32,19 +32,19 @@ def _check_tables(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names)) or list(tables.TABLES)
 
 
-FAULT_ENV = "FLOWSCORE_FAULT_MAINTAIN"
-
-
-def _fault_hook() -> Callable[[str], None]:
-    """Test hook: ``FLOWSCORE_FAULT_MAINTAIN=POINT`` kills this process (SIGKILL, as a crash
-    or an OOM kill would) at that point of the first table maintained there."""
+def _fault_hook(settings: Settings | None) -> Callable[[str], None]:
+    """Test hook: ``FLOWSCORE_FAULT_MAINTAIN=POINT`` (``Settings.maintain_fault``) kills this
+    process (SIGKILL, as a crash or an OOM kill would) at that point of the first table
+    maintained there."""
     import os
     import signal
 
-    wanted = os.environ.get(FAULT_ENV, "")
+    from ..settings import current
+
+    wanted = (settings or current()).maintain_fault
 
     def hook(point: str) -> None:
-        if point == wanted:
+        if wanted and point == wanted:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
@@ -63,7 +63,7 @@ def maintain_tables(
     from pipelines.maintenance import maintain_table
 
     catalog = tables.load_catalog_(settings)
-    hook = _fault_hook()
+    hook = _fault_hook(settings)
     reports = []
     for name in _check_tables(names):
         log(f"maintaining {name} ...")
