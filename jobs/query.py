@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     import duckdb
     from pyiceberg.catalog import Catalog
 
+    from pipelines.settings import Settings
+
 __all__ = [
     "FORMATS",
     "QueryRefused",
@@ -174,20 +176,25 @@ def _table_view(
 
 
 def connect(
-    catalog: Catalog | None = None, *, lock: bool = True, temp_dir: str | None = None
+    catalog: Catalog | None = None,
+    *,
+    lock: bool = True,
+    temp_dir: str | None = None,
+    settings: Settings | None = None,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with views ``image_scores``, ``scoring_errors`` and
     ``runs`` over the current snapshots (see the module docstring). With ``lock`` (default)
     the connection can then read only the current snapshots' data files, load no extension
     and change no setting. ``temp_dir``: where DuckDB may spill (the caller's private
-    directory; default: none, DuckDB keeps everything in memory). Raises
+    directory; default: none, DuckDB keeps everything in memory). ``settings``: the
+    command's (the catalog when none is given; None: read from the environment). Raises
     :class:`pipelines.tables.TablesError` if the catalog cannot be opened."""
     import duckdb
 
     from pipelines import tables as T
 
     if catalog is None:
-        catalog = T.load_catalog_()
+        catalog = T.load_catalog_(settings)
     config: dict[str, Any] = {
         "autoinstall_known_extensions": False,
         "autoload_known_extensions": False,
@@ -380,6 +387,7 @@ def run_query(
     *,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_rows: int = DEFAULT_MAX_ROWS,
+    settings: Settings | None = None,
 ) -> int:
     """Run one read-only SQL statement over the tables and print the result to ``out``
     (default stdout) as ``table``, ``csv`` or ``json``, at most ``max_rows`` rows (a note on
@@ -408,7 +416,7 @@ def run_query(
         return fail(str(e))
     spill = tempfile.mkdtemp(prefix="flowscore-query-")  # private (0700), removed below
     try:
-        return _run(sql, fmt, out, err, spill, timeout_s, max_rows, fail)
+        return _run(sql, fmt, out, err, spill, timeout_s, max_rows, fail, settings)
     finally:
         shutil.rmtree(spill, ignore_errors=True)
 
@@ -422,13 +430,14 @@ def _run(
     timeout_s: float,
     max_rows: int,
     fail: Callable[[str], int],
+    settings: Settings | None = None,
 ) -> int:
     import duckdb
 
     from pipelines.tables import TablesError
 
     try:
-        con = connect(temp_dir=spill)
+        con = connect(temp_dir=spill, settings=settings)
     except TablesError as e:  # the catalog cannot be opened: configuration
         return fail(str(e))
     except Exception as e:  # noqa: BLE001 - a table that cannot be read (missing files, …)

@@ -177,8 +177,9 @@ def _store_kind(uri: str) -> str:
     return "server" if _is_server(uri) else "store"
 
 
-def client(uri: str | None = None) -> MlflowClient:
-    """An :class:`mlflow.MlflowClient` for ``uri`` (default :func:`tracking_uri`).
+def client(uri: str | None = None, settings: Settings | None = None) -> MlflowClient:
+    """An :class:`mlflow.MlflowClient` for ``uri`` (default :func:`tracking_uri` of
+    ``settings``).
 
     Tracking and registry use the same store. Before building it, this bounds MLflow's HTTP
     retries *process-wide* by setting, only where they are unset (or empty),
@@ -195,7 +196,7 @@ def client(uri: str | None = None) -> MlflowClient:
             os.environ[var] = str(value)
     from mlflow import MlflowClient
 
-    resolved = uri or tracking_uri()
+    resolved = uri or tracking_uri(settings)
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
@@ -667,7 +668,11 @@ def _download_version(
 
 
 def resolve_model(
-    uri: str, *, c: MlflowClient | None = None, cache_dir: Path | None = None
+    uri: str,
+    *,
+    c: MlflowClient | None = None,
+    cache_dir: Path | None = None,
+    settings: Settings | None = None,
 ) -> ResolvedModel:
     """Resolve a model URI to a local bundle directory.
 
@@ -685,7 +690,8 @@ def resolve_model(
     names the same source and run as the registry's version (so two registries that both
     have a ``NAME/1`` never share a cache entry).
 
-    ``c`` defaults to :func:`client` on :func:`tracking_uri`. Raises
+    ``c`` defaults to :func:`client` on :func:`tracking_uri` of ``settings`` (the command's;
+    None: read from the environment). Raises
     :class:`ModelResolutionError` for bad syntax, an unknown model, alias or version, or a
     missing directory; :class:`TrackingError` when the store cannot be reached. Imports no
     torch: loading the bundle is the caller's job.
@@ -702,7 +708,7 @@ def resolve_model(
         return _resolve_local(uri, text)
 
     name, alias, version = _parse_models_uri(text)
-    c = c or client()
+    c = c or client(settings=settings)
     store = c.tracking_uri
     safe_store = redact(store)
     with _talking_to(store, f"resolving {uri}"):
@@ -751,7 +757,7 @@ def resolve_model(
             "run_id": str(mv.run_id or ""),
             "tracking_uri": safe_store,
         }
-        root = Path(cache_dir) if cache_dir is not None else flowscore_home() / "models"
+        root = Path(cache_dir) if cache_dir is not None else flowscore_home(settings) / "models"
         final = root.absolute() / _path_segment(name) / _path_segment(version)
         if not _cache_ok(final, marker):
             _download_version(c, uri, name, version, final, marker)

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         baseline_rows=args.baseline_rows,
         log_mlflow=not args.no_mlflow,
         precision=args.precision,
+        settings=args.settings,
     )
     try:
         print_evaluation(run_evaluate(req, stderr_log(args.quiet)))

@@ -43,4 +43,10 @@ def register(sub: Subparsers, parents: Parents) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.query import run_query
 
-    return run_query(args.sql, args.format, timeout_s=args.timeout, max_rows=args.max_rows)
+    return run_query(
+        args.sql,
+        args.format,
+        timeout_s=args.timeout,
+        max_rows=args.max_rows,
+        settings=args.settings,
+    )

@@ -32,6 +32,7 @@ from ..log import Log
 if TYPE_CHECKING:
     from ..evaluation import EvaluationResult
     from ..selection import Only
+    from ..settings import Settings
 
 __all__ = ["EvalRequest", "EvalOutcome", "EvalUsageError", "run_evaluate"]
 
@@ -56,6 +57,9 @@ class EvalRequest:
     # the flow's arithmetic: fp32, bf16, auto (as score), or both: fp32 for the tables, and
     # bf16 beside it (image and pixel AUROC, |ΔLL|, quality Spearman; the precision gates)
     precision: str = "fp32"
+    # the command's settings (pipelines.settings.Settings, read once by the CLI); None: read
+    # from the environment
+    settings: Settings | None = None
 
 
 @dataclass
@@ -189,7 +193,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
             "needs both normal and anomalous images"
         )
 
-    resolved = tracking.resolve_model(req.model)
+    resolved = tracking.resolve_model(req.model, settings=req.settings)
     try:
         scorer = load_bundle(resolved.path)
     except BundleError as err:
@@ -329,7 +333,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
     log(f"ROC curves: {', '.join(str(p) for p in pngs)}")
 
     if req.log_mlflow:
-        mlf = tracking.client()
+        mlf = tracking.client(settings=req.settings)
         exp = tracking.ensure_experiment(mlf, EXPERIMENT)
         tags = {"flowscore.job": "evaluate", "flowscore.model_uri": req.model}
         if resolved.name:
