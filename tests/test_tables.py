@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.query import QueryRefused, check_read_only, connect, run_query
+from jobs.query import run_query
 from pipelines import tables as T
+from pipelines.sql import QueryRefused, check_read_only, connect
 
 # DESIGN.md, "Tables": written out here, independently of pipelines/tables.py
 SUMMARY = "ll_mean ll_std ll_min ll_max p01 p05 p10 p25 p50 p75 p90 p95 p99 quality anomaly_score"
