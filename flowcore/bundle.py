@@ -8,7 +8,12 @@ decoder weights, the codes' standardisation and the reconstruction term's σ² a
 ``featurizer.*``; the JSON holds its ``EncoderConfig``) and ``cnn`` (the backbone's weights and
 BatchNorm statistics, the ImageNet normalisation and the fitted standardisation, all in
 ``weights.safetensors`` under ``featurizer.*``; the JSON holds its ``CNNConfig``). The JSON of
-a ``windows`` bundle is unchanged since format version 1."""
+a ``windows`` bundle is unchanged since format version 1.
+
+A ``distilled`` bundle (:mod:`flowcore.distill`) holds a student network in the featurizer slot
+and no flow: its JSON has ``"kind": "distilled"``, ``"flow": null``, the student's
+``DistilledConfig`` as the featurizer and ``"teacher"``, what it records of the model it was
+distilled from (URI, name, version, preset, featurizer, SHA-256 of the teacher's tensors)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .cnn import CNNFeaturizer
+from .distill import TEACHER_KEYS, DistilledConfig, DistilledFeaturizer
 from .encoder import EncoderConfig, EncoderFeaturizer
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
 from .flows.config import flow_elements
@@ -37,7 +44,7 @@ from .scorer import (
     ImageScore,
     Scorer,
 )
-from .spec import ConfigError, featurizer_config_from_dict, featurizer_config_to_dict
+from .spec import ConfigError, _build, featurizer_config_from_dict, featurizer_config_to_dict
 from .windows import WindowConfig, WindowFeaturizer
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "save_bundle", "load_bundle", "read_meta"]
@@ -47,6 +54,7 @@ FORMAT_VERSION = 1
 META_FILE = "flowscore.json"
 MAX_META_BYTES = 16 << 20  # a bundle's JSON is a few kB
 WEIGHTS_FILE = "weights.safetensors"
+DISTILLED = "distilled"
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".ckpt", ".joblib", ".npy")
 
 
@@ -68,6 +76,12 @@ def _versions() -> dict[str, str]:
 
 def _featurizer_from_meta(d: dict[str, Any], where: str) -> FeaturizerModule:
     """An empty featurizer of the configuration ``d`` (its tensors are loaded next)."""
+    if d.get("type") == DISTILLED:
+        try:
+            student = {k: v for k, v in d.items() if k != "type"}
+            return DistilledFeaturizer(_build(DistilledConfig, student, f"{where}: featurizer"))
+        except ConfigError as e:
+            raise BundleError(str(e)) from e
     try:
         cfg = featurizer_config_from_dict(d, where=f"{where}: featurizer")
     except ConfigError as e:
@@ -89,11 +103,23 @@ def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | Non
     """Write the bundle directory (created if missing; files replaced atomically)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    feat = scorer.featurizer
+    distilled: dict[str, Any] = {}
+    if isinstance(feat, DistilledFeaturizer):
+        featurizer: dict[str, Any] = {"type": DISTILLED, **asdict(feat.cfg)}
+        flow: dict[str, Any] | None = None
+        distilled = {"kind": DISTILLED, "teacher": dict(feat.teacher)}
+    else:
+        featurizer = featurizer_config_to_dict(feat.cfg)
+        if scorer.flow is None:
+            raise ValueError("only a distilled scorer has no flow")
+        flow = {"features": scorer.flow.features, **flow_config_to_dict(scorer.flow_config)}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "featurizer": featurizer_config_to_dict(scorer.featurizer.cfg),
-        "flow": {"features": scorer.flow.features, **flow_config_to_dict(scorer.flow_config)},
+        **distilled,
+        "featurizer": featurizer,
+        "flow": flow,
         "threshold": scorer.threshold if math.isfinite(scorer.threshold) else None,
         "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
         "image_score": scorer.image_score.as_dict(),
@@ -136,10 +162,37 @@ def read_meta(path: str | Path) -> dict[str, Any]:
             f"{meta_path}: bundle format version {version!r} is not supported by this "
             f"flowscore (it reads version {FORMAT_VERSION}); use a matching flowscore release"
         )
-    for key in ("featurizer", "flow"):
-        if not isinstance(meta.get(key), dict):
-            raise BundleError(f"{meta_path}: missing or invalid key {key!r}")
+    if not isinstance(meta.get("featurizer"), dict):
+        raise BundleError(f"{meta_path}: missing or invalid key 'featurizer'")
+    kind = meta.get("kind", "flow")
+    is_student = meta["featurizer"].get("type") == DISTILLED
+    if kind not in ("flow", DISTILLED) or (kind == DISTILLED) != is_student:
+        raise BundleError(
+            f"{meta_path}: kind {kind!r} does not match featurizer type "
+            f"{meta['featurizer'].get('type')!r} (a distilled model has both 'distilled')"
+        )
+    if is_student:
+        if meta.get("flow") is not None:
+            raise BundleError(f"{meta_path}: a distilled model has no flow ('flow': null)")
+        _teacher_from_meta(meta.get("teacher"), str(meta_path))
+    elif not isinstance(meta.get("flow"), dict):
+        raise BundleError(f"{meta_path}: missing or invalid key 'flow'")
     return meta
+
+
+def _teacher_from_meta(d: Any, where: str) -> dict[str, str | None]:
+    """A distilled bundle's record of its teacher: a table of :data:`TEACHER_KEYS`, each a
+    string (at most 2000 characters) or null."""
+    if (
+        not isinstance(d, dict)
+        or set(d) - set(TEACHER_KEYS)
+        or any(v is not None and (not isinstance(v, str) or len(v) > 2000) for v in d.values())
+    ):
+        raise BundleError(
+            f"{where}: teacher must be a table of {', '.join(TEACHER_KEYS)}, each a string "
+            f"or null; got {str(d)[:80]}"
+        )
+    return {k: d.get(k) for k in TEACHER_KEYS}
 
 
 def _finite(v: Any) -> float | None:
@@ -287,6 +340,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     meta = read_meta(root)
     meta_path = root / META_FILE
     featurizer = _featurizer_from_meta(meta["featurizer"], str(meta_path))
+    if isinstance(featurizer, DistilledFeaturizer):
+        featurizer.teacher = _teacher_from_meta(meta.get("teacher"), str(meta_path))
+        return _finish(root, meta, Scorer(featurizer, None), device)
     n_features = featurizer.cfg.features
     flow_d = dict(meta["flow"])
     features = flow_d.pop("features", None)
@@ -300,7 +356,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
     except (TypeError, ValueError, OverflowError) as e:
         msg = str(e) if str(meta_path) in str(e) else f"{meta_path}: flow: {e}"
         raise BundleError(msg) from e
-    threshold, clip = _threshold_and_clip(meta, str(meta_path))
+    _threshold_and_clip(meta, str(meta_path))  # checked before any tensor is sized
     weights_path = root / WEIGHTS_FILE
     if not weights_path.is_file():
         raise BundleError(f"{weights_path}: not found")
@@ -319,15 +375,19 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Scorer:
         flow = build_flow(n_features, flow_cfg)
     except (TypeError, ValueError, RuntimeError, MemoryError) as e:
         raise BundleError(f"{meta_path}: flow: {e}") from e
-    scorer = Scorer(
-        featurizer,
-        flow,
-        flow_config=flow_cfg,
-        threshold=threshold,
-        heatmap_clip=clip,
-        image_score=_image_score_from_meta(meta.get("image_score"), str(meta_path)),
-        calibration=_calibration_from_meta(meta.get("calibration"), str(meta_path)),
-    )
+    return _finish(root, meta, Scorer(featurizer, flow, flow_config=flow_cfg), device)
+
+
+def _finish(root: Path, meta: dict[str, Any], scorer: Scorer, device: str | torch.device) -> Scorer:
+    """The scorer's threshold, clip, statistics and settings from ``meta``, and its tensors
+    from the weights file, each checked against the model the JSON describes."""
+    meta_path = root / META_FILE
+    weights_path = root / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise BundleError(f"{weights_path}: not found")
+    scorer.threshold, scorer.heatmap_clip = _threshold_and_clip(meta, str(meta_path))
+    scorer.image_score = _image_score_from_meta(meta.get("image_score"), str(meta_path))
+    scorer.calibration = _calibration_from_meta(meta.get("calibration"), str(meta_path))
     scorer.validated_precisions = _precisions_from_meta(
         meta.get("validated_precisions"), str(meta_path)
     )

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .cnn import CNNConfig, CNNFeaturizer, fit_standardization, sample_cells
+from .distill import DistilledFeaturizer
 from .encoder import EncoderConfig, EncoderFeaturizer, fit_encoder, sample_crops
 from .flows import (
     build_flow,
@@ -269,6 +270,8 @@ def feature_rows(
         if featurizer.cfg != spec.featurizer:
             raise ValueError(f"featurizer {featurizer.cfg} does not match {spec.featurizer}")
         return _encoder_cells(featurizer, images, per_image, gen, spec.dequantize)
+    if isinstance(featurizer, DistilledFeaturizer):  # a student's features (its teacher's spec)
+        return _encoder_cells(featurizer, images, per_image, gen, spec.dequantize)
     if not isinstance(spec.featurizer, WindowConfig):
         raise TypeError(f"a {type(featurizer).__name__} does not fit {spec.featurizer}")
     windows = sample_windows(images, spec.featurizer, per_image, gen, spec.dequantize)
@@ -276,7 +279,7 @@ def feature_rows(
 
 
 def _encoder_cells(
-    featurizer: EncoderFeaturizer,
+    featurizer: EncoderFeaturizer | DistilledFeaturizer,
     images: Sequence[np.ndarray],
     per_image: int,
     gen: torch.Generator,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer, cnn_grid_shape
+from .distill import DistilledFeaturizer
 from .encoder import EncoderFeaturizer, encoder_grid_shape
 from .flows.bnaf import MaskedWeight
 from .multiscale import MultiScaleFeaturizer
@@ -68,6 +69,8 @@ def featurizer_flops(featurizer: FeaturizerModule, height: int, width: int) -> i
     """FLOPs of the featurizer on one full-resolution (height × width) image."""
     if isinstance(featurizer, CNNFeaturizer | EncoderFeaturizer):
         return backbone_flops(featurizer, height, width)
+    if isinstance(featurizer, DistilledFeaturizer):
+        return featurizer.flops(height, width)
     if isinstance(featurizer, MultiScaleFeaturizer):
         h, w = scaled_size(height, width, featurizer.cfg.scale)
         return featurizer_flops(featurizer.fine, h, w) + featurizer_flops(featurizer.coarse, h, w)
@@ -81,6 +84,10 @@ def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
     is the number of grid cells, ``projection`` the featurizer's FLOPs (the PCA projection of
     the windows, or the CNN backbone's convolutions)."""
     feat = scorer.featurizer
+    if isinstance(feat, DistilledFeaturizer):  # the student predicts the grid: no flow
+        gh, gw = feat.grid_shape(height, width)
+        student = feat.flops(height, width)
+        return {"windows": gh * gw, "projection": student, "flow": 0, "total": student}
     if isinstance(feat, CNNFeaturizer):
         gh, gw = cnn_grid_shape(height, width, feat.cfg)
     elif isinstance(feat, MultiScaleFeaturizer):
@@ -91,5 +98,6 @@ def flops_per_image(scorer: Scorer, height: int, width: int) -> dict[str, int]:
         gh, gw = grid_shape(height, width, feat.cfg)
     windows = gh * gw
     projection = featurizer_flops(scorer.featurizer, height, width)
+    assert scorer.flow is not None
     flow = windows * flow_flops_per_row(scorer.flow)
     return {"windows": windows, "projection": projection, "flow": flow, "total": projection + flow}

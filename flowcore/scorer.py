@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .cnn import CNNFeaturizer
+from .distill import DistilledFeaturizer
 from .encoder import EncoderFeaturizer
 from .flows import Flow, FlowConfig, MAFConfig
 from .multiscale import MultiScaleFeaturizer
@@ -69,9 +70,16 @@ class Featurizer(Protocol):
     def geometry(self) -> Geometry: ...
 
 
-FeaturizerModule = WindowFeaturizer | CNNFeaturizer | MultiScaleFeaturizer | EncoderFeaturizer
+FeaturizerModule = (
+    WindowFeaturizer
+    | CNNFeaturizer
+    | MultiScaleFeaturizer
+    | EncoderFeaturizer
+    | DistilledFeaturizer
+)
 """The featurizers a :class:`Scorer` (and a bundle) can hold; each has ``cfg``, ``geometry``
-and a ``mean`` buffer (which gives the device)."""
+and a ``mean`` buffer (which gives the device). A :class:`DistilledFeaturizer` predicts the
+log-likelihood grid itself: its scorer has no flow (``flow=None``)."""
 
 
 @dataclass
@@ -349,7 +357,7 @@ class Scorer(nn.Module):
     def __init__(
         self,
         featurizer: FeaturizerModule,
-        flow: Flow,
+        flow: Flow | None,
         *,
         flow_config: FlowConfig | None = None,
         threshold: float = math.inf,
@@ -455,6 +463,8 @@ class Scorer(nn.Module):
         """(N, H, W, 3) uint8 -> the (N, D, gh, gw) features the flow sees and the (N, gh, gw)
         window log-likelihoods (the flow's, plus the residual of a residual window model)."""
         x = self._upload(images)
+        if isinstance(self.featurizer, DistilledFeaturizer):  # the student predicts the grid
+            return self.featurizer.featurize(x)
         if isinstance(self.featurizer, WindowFeaturizer | MultiScaleFeaturizer):
             feats, extra = self.featurizer.featurize(x)
         elif isinstance(self.featurizer, EncoderFeaturizer):
@@ -478,6 +488,8 @@ class Scorer(nn.Module):
         """(N, D, gh, gw) features -> (N, gh, gw) flow log-likelihoods, all windows of the
         batch through the flow at once (in chunks of ``chunk_rows`` to bound memory). Without
         a residual window model's extra term: use :meth:`features_and_grid` for the density."""
+        if self.flow is None:
+            raise ValueError("a distilled scorer has no flow: use features_and_grid")
         n, d, gh, gw = feats.shape
         rows = feats.permute(0, 2, 3, 1).reshape(-1, d)
         ll = torch.cat([self.flow.log_prob(c) for c in rows.split(self.flow_chunk_rows())])

@@ -133,8 +133,8 @@ def gemm_gflops(
 def naive_row_loop(scorer: Scorer, image: np.ndarray, rows: int) -> tuple[float, int]:
     """The research code's sweep on the first ``rows`` heatmap rows of one image: crop each
     window of a row one by one, project, one flow call per row. Returns (seconds, gh)."""
-    f = scorer.featurizer
-    if not isinstance(f, WindowFeaturizer):
+    f, flow = scorer.featurizer, scorer.flow
+    if not isinstance(f, WindowFeaturizer) or flow is None:
         raise ValueError("the naive reference is the single-scale window sweep")
     cfg = f.cfg
     x = resize(to_tensor(image[None], scorer.device), cfg.scale)[0]
@@ -144,7 +144,7 @@ def naive_row_loop(scorer: Scorer, image: np.ndarray, rows: int) -> tuple[float,
     for i in range(min(rows, gh)):
         crops = [x[:, i * s : i * s + w, j * s : j * s + w].reshape(-1) for j in range(gw)]
         feats = f.project(torch.stack(crops))  # (x - mean) @ basis * scale (+ residual)
-        scorer.flow.log_prob(feats)
+        flow.log_prob(feats)
     return time.perf_counter() - t0, gh
 
 
