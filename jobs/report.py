@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from flowcore.scorer import Geometry
+    from pipelines.settings import Settings
 
 __all__ = ["ReportUsageError", "run_report", "DEFAULT_TOP", "IMAGES_DIR"]
 
@@ -364,7 +365,9 @@ def _heatmaps(
 # ---------------------------------------------------------------- heatmap clip
 
 
-def _registry_clip(model_name: str, model_version: str, log: Log) -> tuple[float, float] | None:
+def _registry_clip(
+    model_name: str, model_version: str, log: Log, settings: Settings | None = None
+) -> tuple[float, float] | None:
     """The model's ``heatmap_clip`` from the registry, or None (never raises)."""
     if not model_name or not model_version or model_version.startswith("sha-"):
         return None  # a local bundle: not in the registry
@@ -373,7 +376,7 @@ def _registry_clip(model_name: str, model_version: str, log: Log) -> tuple[float
         from flowcore.bundle import read_meta
         from pipelines.tracking import resolve_model
 
-        clip = read_meta(resolve_model(uri).path).get("heatmap_clip")
+        clip = read_meta(resolve_model(uri, settings=settings).path).get("heatmap_clip")
         if clip is None:
             return None
         lo, hi = float(clip[0]), float(clip[1])
@@ -384,6 +387,18 @@ def _registry_clip(model_name: str, model_version: str, log: Log) -> tuple[float
         first = (str(e).strip().splitlines() or [""])[0][:200]
         log(f"report: heatmap clip of {uri} not available ({type(e).__name__}: {first})")
         return None
+
+
+def _has_gradient_maps(con: duckdb.DuckDBPyConnection) -> bool:
+    """Whether rows in scope hold gradient maps (``heatmap_kind``; a table from before the
+    column has none), whose values are not log-likelihoods: the model's clip does not fit."""
+    cols = {r[0] for r in con.execute("describe scope_scores").fetchall()}
+    if "heatmap_kind" not in cols:
+        return False
+    row = con.execute(
+        "select count(*) from scope_scores where heatmap_kind = 'gradient'"
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _run_clip(con: duckdb.DuckDBPyConnection) -> tuple[float, float] | None:
@@ -1039,6 +1054,7 @@ def run_report(
     job: str | None = None,
     start: dt.datetime | None = None,
     end: dt.datetime | None = None,
+    settings: Settings | None = None,
 ) -> Path:
     """Write the report of run ``run_id`` (default: the most recent run with scored rows),
     or with ``job`` of every run of that job started in ``[start, end)`` (naive UTC; ``end``
@@ -1065,7 +1081,7 @@ def run_report(
     if out.exists() and not out.is_dir():
         raise ReportUsageError(f"--out {out} exists and is not a directory")
     try:
-        con = connect()
+        con = connect(settings=settings)
     except TablesError as e:
         raise ReportUsageError(str(e)) from e
     try:
@@ -1139,8 +1155,16 @@ def _scored_sections(
         info = page.run.info or {}
         name = info.get("model_name") or first[0]
         version = info.get("model_version") or first[1]
-        page.clip = _registry_clip(str(name or ""), str(version or ""), log)
+        gradient = _has_gradient_maps(con)
+        page.clip = None if gradient else _registry_clip(str(name or ""), str(version or ""), log)
         page.clip_source = f"heatmap_clip of models:/{name}/{version}"
+        if gradient:
+            page.note(
+                "images",
+                "heatmaps of this run are gradient maps (score --heatmap gradient): dark red "
+                "where the image's likelihood is most sensitive to its pixels, clipped to the "
+                "run's own quantiles; the box plots show minus the map.",
+            )
         if page.clip is None:
             page.clip = _run_clip(con)
             page.clip_source = (

@@ -88,6 +88,7 @@ class ScoreConfig:
     max_bytes: int = DEFAULT_MAX_FILE_BYTES  # larger files are not read (FLOWSCORE_MAX_FILE_MB)
     precision: str = "fp32"  # the featurizer's arithmetic (Scorer.set_precision)
     transforms: int | None = None  # test-time transforms (None: the model's own)
+    heatmap: str = "likelihood"  # what the heatmap column holds (flowcore.gradient.HEATMAP_KINDS)
     pid_dir: str | None = None  # test hook: each actor leaves a file named by its pid
 
 
@@ -199,6 +200,7 @@ class ScorerActor:
             Path(cfg.pid_dir, str(os.getpid())).write_text("scorer actor\n")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from flowcore.gradient import heatmap_grid
         from flowcore.scorer import SUMMARY_COLUMNS
 
         cfg = self.cfg
@@ -231,6 +233,11 @@ class ScorerActor:
                 imgs = np.stack([np.frombuffer(blobs[i], np.uint8).reshape(h, w, 3) for i in part])
                 try:
                     sb = self.scorer.score(imgs, [cal_values[i] for i in part])
+                    maps = (
+                        heatmap_grid(self.scorer, imgs, cfg.heatmap, sb.grid)
+                        if cfg.heatmaps
+                        else sb.grid
+                    )
                 except Exception as e:  # noqa: BLE001 - one bad image must not fail the block
                     for i in part:
                         stage[i], etype[i], msg[i] = "score", type(e).__name__, str(e)[:500]
@@ -243,7 +250,7 @@ class ScorerActor:
                 grid_h[part], grid_w[part] = sb.grid.shape[1], sb.grid.shape[2]
                 if cfg.heatmaps:
                     for k, i in enumerate(part):
-                        heat[i] = sb.grid[k].reshape(-1)
+                        heat[i] = maps[k].reshape(-1)
         geo = self.geometry
         scored = [s is None for s in stage]
         now = datetime.now(UTC).replace(tzinfo=None)
@@ -271,6 +278,7 @@ class ScorerActor:
             ("is_anomaly", pa.array(flag, pa.bool_(), mask=missing)),
             ("heatmap", _heatmap_array(heat)),
             ("threshold_source", pa.array(source, pa.string())),
+            ("heatmap_kind", const(cfg.heatmap if cfg.heatmaps else None, pa.string())),
             ("stage", pa.array(stage, pa.string())),
             ("error_type", pa.array(etype, pa.string())),
             ("message", pa.array(msg, pa.string())),

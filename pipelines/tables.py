@@ -165,6 +165,10 @@ IMAGE_SCORES_FIXED_TAIL: tuple[pa.Field, ...] = (
     # calibrated per value of a path column (``train --calibrate-by``); added after the
     # first release, so older tables get it by schema evolution and older rows read null
     _field("threshold_source", _STR),
+    # what ``heatmap`` holds: "likelihood" (window log-likelihoods) or "gradient" (minus the
+    # gradient map of a CNN model, ``score --heatmap gradient``; flowcore/gradient.py); null
+    # without a heatmap and in rows written before it existed (those hold log-likelihoods)
+    _field("heatmap_kind", _STR),
 )
 _FIXED_NAMES = frozenset(f.name for f in IMAGE_SCORES_FIXED_HEAD + IMAGE_SCORES_FIXED_TAIL)
 

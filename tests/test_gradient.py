@@ -172,3 +172,59 @@ def test_window_models_are_refused_in_one_line(small_scorer) -> None:
     assert "\n" not in str(e.value) and "cnn-mobilenet" in str(e.value)
     with pytest.raises(GradientMapError):
         gradient_map(small_scorer, np.stack(texture(1, 48, 64, 3)))
+
+
+# ---------------------------------------------------------------- through `flowscore score`
+
+
+def test_score_refuses_the_gradient_map_for_a_window_model(
+    small_scorer, flowscore_home, tmp_path, capsys
+) -> None:
+    """Before Ray or the catalog: exit 2, one line naming the presets it is for."""
+    from flowcore.bundle import save_bundle
+    from jobs.cli import main
+    from pipelines.synth import write_archive
+
+    bundle = save_bundle(small_scorer, tmp_path / "bundle")
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="harvest", images=2, seed=2, height=64, width=96)
+    argv = ["score", "--archive", str(archive), "--model", str(bundle), "--quiet"]
+    assert main([*argv, "--heatmap", "gradient"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cnn-mobilenet" in err and "pixel windows" in err and len(err.splitlines()) == 1
+    assert not (flowscore_home / "catalog.db").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_score_writes_gradient_maps_through_ray(ray_session, flowscore_home, tmp_path) -> None:
+    """``score --heatmap gradient`` on the real Ray path: every row's heatmap is minus the
+    in-process gradient map, with the likelihood grid's shape, and says ``gradient``; the
+    summaries are the likelihood's."""
+    from flowcore.bundle import load_bundle, save_bundle
+    from jobs.cli import main
+    from pipelines import tables
+    from pipelines.archive import decode_image, read_bytes
+    from pipelines.synth import write_archive
+
+    bundle = save_bundle(_tiny(), tmp_path / "cnn-bundle")
+    scorer = load_bundle(bundle)
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="harvest", images=4, seed=3, height=64, width=96)
+    argv = ["score", "--archive", str(archive), "--model", str(bundle), "--quiet"]
+    assert main([*argv, "--heatmap", "gradient"]) == 0
+    cat = tables.load_catalog_()
+    rows = cat.load_table("flowscore.image_scores").scan().to_arrow().to_pylist()
+    assert len(rows) == 4
+    for r in rows:
+        assert r["heatmap_kind"] == "gradient"
+        img = decode_image(read_bytes(r["image_uri"])).rgb
+        want = -gradient_map(scorer, img[None])[0].numpy()
+        got = np.asarray(r["heatmap"], np.float32).reshape(r["grid_h"], r["grid_w"])
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+        sb = scorer.score(img[None])
+        assert r["p50"] == pytest.approx(float(sb.summary["p50"][0]), rel=1e-4, abs=1e-3)
+    # the default run stores the likelihood grid again, and says so
+    assert main(argv) == 0
+    rows = cat.load_table("flowscore.image_scores").scan().to_arrow().to_pylist()
+    assert {r["heatmap_kind"] for r in rows} == {"likelihood"}

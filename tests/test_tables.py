@@ -39,6 +39,8 @@ SCORES_TAIL = [
     ("heatmap", pa.list_(pa.float32())),
     # beyond DESIGN.md (the detection issue): which threshold decided is_anomaly
     ("threshold_source", pa.string()),
+    # what the heatmap holds: likelihood or gradient (score --heatmap)
+    ("heatmap_kind", pa.string()),
 ]
 ERRORS_COLS = [
     *((c, pa.string()) for c in ("image_uri", "etag", "run_id", "stage", "error_type", "message")),
@@ -562,7 +564,9 @@ def test_image_scores_of_an_older_flowscore_gets_threshold_source(home):
     by schema evolution (path columns still in their place); old rows read it as null."""
     cat = T.load_catalog_()
     new_schema = T.image_scores_arrow_schema(["year"])
-    old_schema = pa.schema([f for f in new_schema if f.name != "threshold_source"])
+    old_schema = pa.schema(
+        [f for f in new_schema if f.name not in ("threshold_source", "heatmap_kind")]
+    )
     T._create_table(cat, T.IMAGE_SCORES, old_schema)
     old = {"image_uri": "a.jpg", "etag": "1", "model_version": "1", "year": "2017"}
     tbl = cat.load_table("flowscore.image_scores")
@@ -571,8 +575,8 @@ def test_image_scores_of_an_older_flowscore_gets_threshold_source(home):
     got = T.arrow_schema_of(cat.load_table("flowscore.image_scores"))
     assert got.names == new_schema.names
     T.ensure_tables(cat, ["year"])  # idempotent
-    assert query_json("select image_uri, threshold_source from image_scores") == [
-        {"image_uri": "a.jpg", "threshold_source": None}
+    assert query_json("select image_uri, threshold_source, heatmap_kind from image_scores") == [
+        {"image_uri": "a.jpg", "threshold_source": None, "heatmap_kind": None}
     ]
 
 

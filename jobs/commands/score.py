@@ -72,6 +72,15 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "log-likelihoods, at N times the cost (default: the model's own, set at training "
         "by test_transforms; its threshold was calibrated with that many)",
     )
+    sc.add_argument(
+        "--heatmap",
+        choices=["likelihood", "gradient"],
+        default="likelihood",
+        help="what the heatmap column holds: the window log-likelihood grid, or (CNN models: "
+        "presets cnn, cnn-mobilenet) minus the gradient map, |d NLL / d pixels| smoothed and "
+        "pooled onto the same grid (DifferNet; heatmap_kind says which; scores and quality "
+        "stay from the likelihood; one backward pass per batch) (default: %(default)s)",
+    )
     sc.set_defaults(func=run)
 
 
@@ -95,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         only=parse_only(args.only),
         precision=args.precision,
         transforms=args.test_transforms,
+        heatmap=args.heatmap,
         settings=args.settings,
         actor_pid_dir=os.environ.get("FLOWSCORE_TEST_ACTOR_PID_DIR") or None,  # fault tests
     )

@@ -77,6 +77,9 @@ class ScoreRequest:
     precision: str = "fp32"
     # test-time transforms per image (flowcore.scorer.TRANSFORMS); None: the model's own
     transforms: int | None = None
+    # what the heatmap column holds: "likelihood" (the window log-likelihood grid) or
+    # "gradient" (minus the gradient map, CNN models only; flowcore.gradient)
+    heatmap: str = "likelihood"
     # the command's settings (pipelines.settings.Settings, read once by the CLI); None: read
     # the environment here
     settings: Any = None
@@ -130,18 +133,27 @@ def model_identity(resolved: Any) -> tuple[str, str]:
     return root.name, f"sha-{h.hexdigest()[:12]}"
 
 
-def check_bundle(path: str | Path) -> tuple[str, ...]:
+def check_bundle(path: str | Path, heatmap: str = "likelihood") -> tuple[str, ...]:
     """Load the bundle at ``path`` in full on the CPU (its JSON, and every tensor's name,
     shape and dtype against the model the JSON describes; nothing is unpickled), so that a
     bad bundle is refused in one line naming the file before the catalog or Ray are touched,
-    not by every scorer actor later. Returns the precisions the model was validated in.
+    not by every scorer actor later; likewise a ``heatmap`` kind the model does not offer
+    (the gradient map is for CNN models). Returns the precisions the model was validated in.
     Raises :class:`ScoreUsageError`."""
     from flowcore.bundle import BundleError, load_bundle
+    from flowcore.gradient import HEATMAP_KINDS, GradientMapError, check_gradient_support
 
+    if heatmap not in HEATMAP_KINDS:
+        raise ScoreUsageError(
+            f"--heatmap must be one of {', '.join(HEATMAP_KINDS)}, not {heatmap!r}"
+        )
     try:
-        return load_bundle(path, device="cpu").validated_precisions
-    except BundleError as e:
+        scorer = load_bundle(path, device="cpu")
+        if heatmap == "gradient":
+            check_gradient_support(scorer)
+    except (BundleError, GradientMapError) as e:
         raise ScoreUsageError(str(e)) from e
+    return scorer.validated_precisions
 
 
 def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
@@ -181,8 +193,8 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
     resolved = req.resolved
     validated = req.validated_precisions
     if resolved is None:
-        resolved = tracking.resolve_model(req.model)
-        validated = check_bundle(resolved.path)
+        resolved = tracking.resolve_model(req.model, settings=req.settings)
+        validated = check_bundle(resolved.path, req.heatmap)
     model_name, model_version = model_identity(resolved)
     log(f"model: {req.model} -> {model_name} version {model_version}")
     precision = resolve_precision(req.precision, "cuda" if req.use_gpu else "cpu", validated)
@@ -272,6 +284,7 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 max_bytes=max_bytes,
                 precision=precision,
                 transforms=req.transforms,
+                heatmap=req.heatmap,
                 pid_dir=req.actor_pid_dir,
             )
             commits = -(-len(todo) // req.commit_every)
@@ -281,6 +294,11 @@ def run_score(req: ScoreRequest, log: Log) -> ScoreOutcome:
                 f"{'GPU' if req.use_gpu else 'CPU'}, {threads} torch thread(s))"
                 + (f", featurizer in {precision}" if precision != "fp32" else "")
                 + (f", {req.transforms} test-time transform(s)" if req.transforms else "")
+                + (
+                    ", gradient-map heatmaps"
+                    if req.heatmap != "likelihood" and req.heatmaps
+                    else ""
+                )
             )
             scores_schema = tables.image_scores_arrow_schema(path_columns)
             t_score = time.perf_counter()
@@ -373,7 +391,7 @@ def _mlflow_start(
 
     uri = redact(tracking.tracking_uri())
     try:
-        c = tracking.client()
+        c = tracking.client(settings=req.settings)
         exp = tracking.ensure_experiment(c, EXPERIMENT)
         run = c.create_run(
             exp,
@@ -400,6 +418,7 @@ def _mlflow_start(
                     "actors": req.actors,
                     "use_gpu": req.use_gpu,
                     "heatmaps": req.heatmaps,
+                    "heatmap": req.heatmap,
                     "commit_every": req.commit_every,
                 }
             ),
