@@ -26,6 +26,11 @@ def print_evaluation(out: EvalOutcome) -> None:
             continue
         shown = ", ".join(f"{v}: {'—' if a is None else f'{a:.3f}'}" for v, a in vals.items())
         print(f"flow image AUROC by {key}: {shown}")
+    if "pixel_auroc_gradient" in report:
+        print(
+            f"flow pixel AUROC, gradient map: {_fmt(report['pixel_auroc_gradient'])} "
+            f"(likelihood heatmap: {_fmt(report['pixel_auroc'].get('flow'))})"
+        )
     c = report.get("precision_comparison")
     if c:
         print(

@@ -23,7 +23,7 @@ from flowcore.gradient import (
     pool_to_grid,
 )
 from flowcore.scorer import Scorer
-from flowcore.spec import PRESETS
+from flowcore.spec import PRESETS, spec_to_dict
 from flowcore.training import FitConfig
 from flowcore.windows import Geometry
 from tests.conftest import texture
@@ -128,19 +128,21 @@ def test_smoothing_spreads_but_keeps_the_total() -> None:
     np.testing.assert_allclose(float(smooth.mean()), float(raw.mean()), rtol=0.1)
 
 
+SMALL_CNN = replace(
+    PRESETS["cnn"],
+    featurizer=CNNConfig(backbone="resnet18", layers=("layer1", "layer2"), scale=0.5),
+    flow=CouplingConfig(blocks=2, hidden=(32,)),
+    fit=FitConfig(max_epochs=4, batch_size=128, lr=1e-3),
+    windows_per_image=60,
+    basis_rows=600,
+)
+
+
 @pytest.fixture(scope="module")
 def fitted() -> Scorer:
     """The cnn preset, shrunk: a small coupling flow fitted on smooth textures."""
     torch.manual_seed(0)
-    spec = replace(
-        PRESETS["cnn"],
-        featurizer=CNNConfig(backbone="resnet18", layers=("layer1", "layer2"), scale=0.5),
-        flow=CouplingConfig(blocks=2, hidden=(32,)),
-        fit=FitConfig(max_epochs=4, batch_size=128, lr=1e-3),
-        windows_per_image=60,
-        basis_rows=600,
-    )
-    scorer, _ = fit_scorer(texture(10, 96, 128, 1), texture(3, 96, 128, 2), spec)
+    scorer, _ = fit_scorer(texture(10, 96, 128, 1), texture(3, 96, 128, 2), SMALL_CNN)
     return scorer
 
 
@@ -174,7 +176,49 @@ def test_window_models_are_refused_in_one_line(small_scorer) -> None:
         gradient_map(small_scorer, np.stack(texture(1, 48, 64, 3)))
 
 
-# ---------------------------------------------------------------- through `flowscore score`
+# ---------------------------------------------------------------- through the commands
+
+
+def test_evaluate_reports_the_gradient_maps_pixel_auroc(
+    fitted, small_scorer, flowscore_home, tmp_path, capsys
+) -> None:
+    """``evaluate --heatmap gradient``: the gradient map's pixel AUROC beside the likelihood
+    heatmap's, equal to the one computed here from the masks; a window model is refused."""
+    import json
+
+    from flowcore.bundle import save_bundle
+    from flowcore.scorer import heatmap_to_image
+    from jobs.cli import main
+    from pipelines.archive import decode_image, list_archive, read_bytes
+    from pipelines.evaluation import PixelAUROC
+    from pipelines.synth import write_archive
+    from pipelines.truth import read_labels, read_mask
+
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="harvest", images=6, seed=4, height=64, width=96, anomaly_rate=0.5)
+    # the spec, as a trained bundle records it (evaluate draws the baselines' rows with it)
+    bundle = save_bundle(fitted, tmp_path / "cnn-bundle", {"spec": spec_to_dict(SMALL_CNN)})
+    out = tmp_path / "eval.json"
+    argv = ["evaluate", "--archive", str(archive), "--train-archive", str(archive)]
+    argv += ["--no-mlflow", "--quiet", "--baseline-rows", "200", "--out", str(tmp_path / "ev")]
+    assert main([*argv, "--model", str(bundle), "--heatmap", "gradient", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    labels = read_labels(str(archive))
+    want = PixelAUROC()
+    for e in sorted(list_archive(str(archive)), key=lambda e: e.path):
+        img = decode_image(read_bytes(e.image_uri)).rgb
+        mask = read_mask(str(archive), e.path) if labels[e.path] else None
+        if labels[e.path] and mask is None:
+            continue
+        gmap = gradient_map(fitted, img[None])[0]
+        want.add(heatmap_to_image(gmap, fitted.geometry, *img.shape[:2]).numpy(), mask)
+    assert report["pixel_auroc_gradient"] == pytest.approx(want.value(), abs=1e-6)
+    assert report["pixel_auroc"]["flow"] is not None
+    assert "gradient map" in capsys.readouterr().out
+
+    window = save_bundle(small_scorer, tmp_path / "window-bundle")
+    assert main([*argv, "--model", str(window), "--heatmap", "gradient"]) == 2
+    assert "cnn-mobilenet" in capsys.readouterr().err
 
 
 def test_score_refuses_the_gradient_map_for_a_window_model(

@@ -39,6 +39,14 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "(default: %(default)s)",
     )
     e.add_argument(
+        "--heatmap",
+        choices=["likelihood", "gradient"],
+        default="likelihood",
+        help="gradient: also the pixel AUROC of the gradient map (CNN models: |d NLL / d "
+        "pixels| smoothed and pooled onto the grid, as score --heatmap gradient writes), "
+        "beside the likelihood heatmap's (default: %(default)s)",
+    )
+    e.add_argument(
         "--baseline-rows",
         type=positive_int,
         default=20_000,
@@ -64,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         baseline_rows=args.baseline_rows,
         log_mlflow=not args.no_mlflow,
         precision=args.precision,
+        heatmap=args.heatmap,
         settings=args.settings,
     )
     try:

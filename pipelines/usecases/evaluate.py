@@ -60,6 +60,9 @@ class EvalRequest:
     # the command's settings (pipelines.settings.Settings, read once by the CLI); None: read
     # from the environment
     settings: Settings | None = None
+    # "gradient": also the pixel AUROC of the gradient map (CNN models; flowcore.gradient),
+    # beside the likelihood heatmap's
+    heatmap: str = "likelihood"
 
 
 @dataclass
@@ -162,11 +165,17 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
     import torch
 
     from flowcore.bundle import BundleError, load_bundle
+    from flowcore.gradient import (
+        HEATMAP_KINDS,
+        GradientMapError,
+        check_gradient_support,
+        gradient_map,
+    )
     from flowcore.precision import PrecisionTally
-    from flowcore.scorer import resolve_precision
+    from flowcore.scorer import heatmap_to_image, resolve_precision
     from pipelines import tracking
     from pipelines.archive import ArchiveError, DecodeError, decode_image, list_archive, read_bytes
-    from pipelines.evaluation import METHODS, Evaluator, fit_baselines, image_auroc
+    from pipelines.evaluation import METHODS, Evaluator, PixelAUROC, fit_baselines, image_auroc
     from pipelines.paths import flowscore_home
     from pipelines.plots import save_roc_curves
     from pipelines.selection import apply_only
@@ -196,7 +205,13 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
     resolved = tracking.resolve_model(req.model, settings=req.settings)
     try:
         scorer = load_bundle(resolved.path)
-    except BundleError as err:
+        if req.heatmap not in HEATMAP_KINDS:
+            raise EvalUsageError(
+                f"--heatmap must be one of {', '.join(HEATMAP_KINDS)}, not {req.heatmap!r}"
+            )
+        if req.heatmap == "gradient":
+            check_gradient_support(scorer)
+    except (BundleError, GradientMapError) as err:
         raise EvalUsageError(str(err)) from err
     meta = dict(scorer.training_stats)
     spec_d = meta.get("spec")
@@ -224,6 +239,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         {}, scorer.geometry, image_score=scorer.image_score, calibration=scorer.calibration
     )
     tally = PrecisionTally()
+    gradient_pixels = PixelAUROC() if req.heatmap == "gradient" else None
     by = scorer.calibration.by if scorer.calibration else None
     flow_scores: list[float] = []
     columns: list[dict[str, str]] = []
@@ -249,6 +265,13 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
             ev.add(g, f, labs, masks, heights, widths, groups)
 
         add(evaluator, feats, grid)
+        if gradient_pixels is not None:  # the gradient map's pixels, same truth as the flow's
+            gmap = gradient_map(scorer, imgs).cpu().numpy()
+            for k in range(len(pending)):
+                if labs[k] == 1 and masks[k] is None:
+                    continue  # anomalous, location unknown: no pixel ground truth
+                amap = heatmap_to_image(gmap[k], scorer.geometry, heights[k], widths[k])
+                gradient_pixels.add(amap.numpy(), masks[k])
         raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
         flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
         if both:  # the same images in bf16, beside fp32
@@ -308,6 +331,8 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         report["flow_image_auroc_by_defect"] = by_defect
     report["skipped"] = skipped
     report["precision"] = precision
+    if gradient_pixels is not None:
+        report["pixel_auroc_gradient"] = gradient_pixels.value()
     if both:
         report["precision_comparison"] = _precision_comparison(result, low.result(), tally)
 
@@ -366,6 +391,8 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
                 v = report[kind].get(m)
                 if v is not None:
                     metrics.append((f"{kind}.{m}", float(v), 0, now))
+        if report.get("pixel_auroc_gradient") is not None:
+            metrics.append(("pixel_auroc.flow_gradient", report["pixel_auroc_gradient"], 0, now))
         tracking.log_metrics(mlf, rid, metrics)
         for p in [*pngs, out_dir / "evaluation.json"]:
             mlf.log_artifact(rid, str(p))
