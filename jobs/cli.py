@@ -10,6 +10,7 @@ exit code 1, not a traceback; a bad ``FLOWSCORE_S3_*`` value is exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingError as e:
         _err(str(e))
         return EXIT_USAGE
+    # MLflow takes its HTTP limits only from its own variables: set them for this process
+    os.environ.update(args.settings.mlflow_http.env())
     try:
         return func(args)
     except UsageError as e:

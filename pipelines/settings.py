@@ -124,6 +124,45 @@ class S3Settings:
         )
 
 
+MLFLOW_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+MLFLOW_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+MLFLOW_BACKOFF_FACTOR_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+MLFLOW_BACKOFF_JITTER_ENV = "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"
+
+
+@dataclass(frozen=True)
+class MlflowHttp:
+    """MLflow's HTTP client limits, MLflow's own ``MLFLOW_HTTP_REQUEST_*`` variables. MLflow's
+    defaults (7 retries with exponential backoff, 120 s timeout) make a dead tracking server
+    hang a run for minutes; flowscore's (2 retries, 10 s) fail a refused connection in about
+    5 s and a server that never answers in at most ``pipelines.tracking.http_request_budget_s``
+    = 3 × 10 s + 5 s. Backoff factor and jitter are MLflow's defaults, left alone."""
+
+    max_retries: int = 2
+    timeout_s: int = 10
+    backoff_factor: float = 2.0
+    backoff_jitter: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MlflowHttp:
+        d = cls()
+
+        def number(name: str, default: float, minimum: float, integer: bool) -> float:
+            return env_number(name, default, minimum=minimum, integer=integer, env=env)
+
+        return cls(
+            max_retries=int(number(MLFLOW_RETRIES_ENV, d.max_retries, 0, True)),
+            timeout_s=int(number(MLFLOW_TIMEOUT_ENV, d.timeout_s, 1, True)),
+            backoff_factor=number(MLFLOW_BACKOFF_FACTOR_ENV, d.backoff_factor, 0, False),
+            backoff_jitter=number(MLFLOW_BACKOFF_JITTER_ENV, d.backoff_jitter, 0, False),
+        )
+
+    def env(self) -> dict[str, str]:
+        """The variables MLflow reads on every request (the CLI puts them into its process's
+        environment, the one place MLflow takes them from)."""
+        return {MLFLOW_RETRIES_ENV: str(self.max_retries), MLFLOW_TIMEOUT_ENV: str(self.timeout_s)}
+
+
 def normalize_warehouse(raw: str) -> str:
     """A warehouse location as a URI: plain (relative or ``~``) paths become ``file://``."""
     parsed = urlparse(raw)
@@ -157,6 +196,8 @@ class Settings:
     follow_links: bool = False
     ray_address: str | None = None
     """``--ray-address``, else ``$RAY_ADDRESS``; None: a local Ray."""
+    mlflow_http: MlflowHttp = field(default_factory=MlflowHttp)
+    """MLflow's HTTP limits (:class:`MlflowHttp`)."""
     maintain_fault: str = ""
     """``$FLOWSCORE_FAULT_MAINTAIN``: a test hook, the point of maintenance at which the
     process kills itself (``pipelines.usecases.maintain``); empty in real use."""
@@ -203,6 +244,7 @@ class Settings:
             ),
             follow_links=(text(FOLLOW_LINKS_ENV) or "").lower() in ("1", "true", "yes"),
             ray_address=ray_address or text("RAY_ADDRESS"),
+            mlflow_http=MlflowHttp.from_env(env),
             maintain_fault=text("FLOWSCORE_FAULT_MAINTAIN") or "",
         )
 

@@ -56,7 +56,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import exception_chain, one_line
 from .paths import flowscore_home
 from .redact import is_secret_name, redact
-from .settings import Settings, current
+from .settings import MlflowHttp, Settings, current
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -100,18 +100,10 @@ MAX_PARAM_KEY_LENGTH = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
-#: Defaults that :func:`client` puts into ``os.environ`` when they are unset. MLflow's own
-#: defaults (7 retries with exponential backoff, 120 s timeout) make a dead server hang a run
-#: for minutes; with these a refused connection fails after about 5 s, and a server that
-#: accepts connections but never answers (hung, or paused) after at most
-#: :func:`http_request_budget_s` = 3 × 10 s + 5 s.
-HTTP_MAX_RETRIES = 2
-HTTP_TIMEOUT_S = 10
-#: MLflow's defaults for the backoff between retries (``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``,
-#: ``MLFLOW_HTTP_REQUEST_BACKOFF_JITTER``; :func:`client` leaves them alone) and urllib3's
-#: cap on one backoff sleep.
-_MLFLOW_BACKOFF_FACTOR = 2.0
-_MLFLOW_BACKOFF_JITTER = 1.0
+#: flowscore's MLflow HTTP limits (:class:`pipelines.settings.MlflowHttp`, which explains them)
+HTTP_MAX_RETRIES = MlflowHttp.max_retries
+HTTP_TIMEOUT_S = MlflowHttp.timeout_s
+#: urllib3's cap on one backoff sleep
 _URLLIB3_BACKOFF_MAX_S = 120.0
 
 _SERVER_SCHEMES = ("http", "https")
@@ -181,35 +173,20 @@ def client(uri: str | None = None, settings: Settings | None = None) -> MlflowCl
     """An :class:`mlflow.MlflowClient` for ``uri`` (default :func:`tracking_uri` of
     ``settings``).
 
-    Tracking and registry use the same store. Before building it, this bounds MLflow's HTTP
-    retries *process-wide* by setting, only where they are unset (or empty),
-    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (:data:`HTTP_MAX_RETRIES`) and
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (:data:`HTTP_TIMEOUT_S` seconds) in ``os.environ``, so
-    an unreachable server fails in seconds instead of minutes. Set them yourself to choose
-    other values (MLflow reads them on every request).
+    Tracking and registry use the same store. MLflow's HTTP limits come from its own
+    ``MLFLOW_HTTP_REQUEST_*`` variables, which the CLI sets from the settings
+    (:class:`pipelines.settings.MlflowHttp`) before any command runs; a library caller sets
+    them itself (MLflow's defaults retry a dead server for minutes).
     """
-    for var, value in (
-        ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES),
-        ("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S),
-    ):
-        if not os.environ.get(var, "").strip():
-            os.environ[var] = str(value)
     from mlflow import MlflowClient
 
     resolved = uri or tracking_uri(settings)
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
-def _env_number(var: str, default: float) -> float:
-    try:
-        return float(os.environ.get(var, "").strip() or default)
-    except ValueError:
-        return float(default)
-
-
-def http_request_budget_s() -> float:
-    """The longest one MLflow HTTP request can take to fail, in seconds, under the current
-    settings (those :func:`client` applies when unset): every attempt waits the full
+def http_request_budget_s(settings: Settings | None = None) -> float:
+    """The longest one MLflow HTTP request can take to fail, in seconds, under ``settings``
+    (their ``mlflow_http``; None: read from the environment): every attempt waits the full
     ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (a server that accepts connections but never answers,
     or a host that never accepts), ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` + 1 attempts, and
     urllib3's backoff before each retry but the first (``factor · 2^(k-1)`` plus up to
@@ -217,10 +194,9 @@ def http_request_budget_s() -> float:
 
     A command that fails on an unreachable server makes one request before it gives up, so
     this bounds how long it hangs (plus its start-up)."""
-    retries = max(0, int(_env_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)))
-    timeout = _env_number("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
-    factor = _env_number("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", _MLFLOW_BACKOFF_FACTOR)
-    jitter = _env_number("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", _MLFLOW_BACKOFF_JITTER)
+    http = (settings or current()).mlflow_http
+    retries, timeout = http.max_retries, http.timeout_s
+    factor, jitter = http.backoff_factor, http.backoff_jitter
     backoff = sum(
         min(_URLLIB3_BACKOFF_MAX_S, factor * 2 ** (k - 1) + jitter) for k in range(2, retries + 1)
     )
@@ -232,8 +208,8 @@ def _server_failure(exc: BaseException) -> str | None:
     number of attempts; None when the cause chain says neither."""
     from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
-    attempts = max(0, int(_env_number("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES))) + 1
-    timeout = _env_number("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    http = current().mlflow_http
+    attempts, timeout = http.max_retries + 1, http.timeout_s
     causes = list(exception_chain(exc))
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return f"connection refused ({attempts} attempt(s))"

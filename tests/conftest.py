@@ -28,6 +28,11 @@ from flowcore.flows import MAFConfig  # noqa: E402
 from flowcore.scorer import Scorer  # noqa: E402
 from flowcore.training import FitConfig  # noqa: E402
 from flowcore.windows import WindowConfig  # noqa: E402
+from pipelines.settings import Settings  # noqa: E402
+
+# what the CLI does before every command (jobs/cli.py): MLflow's HTTP limits, which MLflow
+# reads only from its own variables, for the tests that call pipelines.tracking directly
+os.environ.update(Settings.from_env().mlflow_http.env())
 
 
 def texture(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:

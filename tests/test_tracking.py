@@ -313,12 +313,18 @@ def test_register_and_resolve_on_server(mlflow_server, flowscore_home, tmp_path,
 
 
 @pytest.mark.faults
-def test_unreachable_server_fails_fast_with_uri(monkeypatch):
+def test_unreachable_server_fails_fast_with_uri(monkeypatch, tmp_path, capsys):
+    from jobs.cli import main
+
     uri = _dead_uri()
     for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(var, raising=False)
-    c = tr.client(uri)
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    # the CLI sets MLflow's limits (read only from MLflow's own variables) before a command
+    assert main(["query", "select 1 as one", "--format", "csv"]) == 0
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == str(tr.HTTP_MAX_RETRIES)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == str(tr.HTTP_TIMEOUT_S)
+    c = tr.client(uri)
     start = time.monotonic()
     with pytest.raises(TrackingError, match="not reachable") as info:
         tr.check_reachable(c, uri)
@@ -326,10 +332,17 @@ def test_unreachable_server_fails_fast_with_uri(monkeypatch):
     assert uri in str(info.value)
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # explicit setting wins
-    c = tr.client(uri)
+    assert main(["query", "select 1 as one", "--format", "csv"]) == 0
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    c = tr.client(uri)
     with pytest.raises(TrackingError, match=f"{uri} is not reachable while resolving"):
         tr.resolve_model("models:/grain@champion", c=c)
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")  # one line, exit code 2
+    capsys.readouterr()
+    assert main(["query", "select 1 as one"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MLFLOW_HTTP_REQUEST_TIMEOUT" in err
 
 
 def test_http_request_budget_follows_the_settings(monkeypatch):
