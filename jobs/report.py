@@ -1064,7 +1064,7 @@ def run_report(
     Raises :class:`ReportUsageError` for empty tables, an unknown run id, a run with no rows
     left, a job without runs in the period, ``top < 1`` or a catalog that cannot be
     opened."""
-    from jobs.query import connect
+    from pipelines.sql import connect
     from pipelines.tables import TablesError
 
     if top < 1:

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             job=args.job,
             start=start,
             end=end,
+            settings=args.settings,
         )
     except ReportUsageError as e:
         raise UsageError(str(e)) from e
