@@ -217,6 +217,7 @@ def pipeline_bench(
     batch: int = 16,
     ray_address: str | None = None,
     precision: str = "fp32",
+    heatmap: str = "likelihood",
     log: Log = lambda s: None,
 ) -> dict[str, Any]:
     """Files -> committed table rows through the real scoring job; see the module docstring."""
@@ -242,6 +243,7 @@ def pipeline_bench(
                     batch_size=batch,
                     job="bench",
                     precision=precision,
+                    heatmap=heatmap,
                 ),
                 log=lambda s: log(f"  {s}"),
             )
@@ -368,16 +370,23 @@ def run_bench(
     memory_images: int = 0,
     bf16: bool = True,
     transforms: int | None = None,
+    heatmap: str = "likelihood",
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Measure and return the bench object of DESIGN.md. With ``bf16`` and bf16 matrix
     units, also the bf16 matmul rate, the scorer and pipeline in bf16, and how far bf16 moves
-    the window log-likelihoods of this model on these images."""
+    the window log-likelihoods of this model on these images. With ``heatmap="gradient"``
+    (CNN models), also the gradient map alone and the scorer with it (what a ``score
+    --heatmap gradient`` actor computes), and the pipeline writes gradient maps."""
     if threads:
         torch.set_num_threads(threads)
     scorer = (model or random_scorer(preset)).to(device).eval()
     if transforms is not None:
         scorer.transforms = transforms
+    if heatmap == "gradient":  # before anything is timed: a window model is refused
+        from flowcore.gradient import check_gradient_support
+
+        check_gradient_support(scorer)
     cfg = scorer.featurizer.cfg
     fl = flops_per_image(scorer, height, width)
     # every test-time transform is one more pass of the image (flips and turns: same FLOPs)
@@ -398,6 +407,23 @@ def run_bench(
             torch.cuda.synchronize()
 
     t_scorer = _best_time(score_all, 2)
+    gradient_figures: dict[str, Any] = {}
+    if heatmap == "gradient":
+        from flowcore.gradient import gradient_map
+
+        log("bench: timing the gradient map ...")
+
+        def gradient_all() -> None:
+            for k in range(0, images, batch):
+                gradient_map(scorer, imgs[k : k + batch])
+            if device != "cpu":
+                torch.cuda.synchronize()
+
+        t_grad = _best_time(gradient_all, 2)
+        gradient_figures = {
+            "gradient_map_images_per_s": round(images / t_grad, 2),
+            "scorer_gradient_images_per_s": round(images / (t_scorer + t_grad), 2),
+        }
     log("bench: timing JPEG decoding ...")
     decode_ms = _decode_ms(imgs)
     lowp = bf16 and has_bf16_units(device)
@@ -434,6 +460,8 @@ def run_bench(
         "roofline_images_per_s": round(gemm / gflop, 2),
         "scorer_images_per_s": round(images / t_scorer, 2),
         "scorer_fraction_of_roofline": round(images / t_scorer / (gemm / gflop), 3),
+        "heatmap": heatmap,
+        **gradient_figures,
         "pipeline_images_per_s": None,
         "pipeline_fraction_of_roofline": None,
         "naive_images_per_s": None if naive is None else round(naive, 3),
@@ -459,6 +487,7 @@ def run_bench(
                 batch=batch,
                 ray_address=ray_address,
                 precision=precision,
+                heatmap=heatmap,
                 log=log,
             )
 
@@ -566,6 +595,17 @@ def format_table(r: dict[str, Any]) -> str:
             f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
             f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
             f"actor(s); whole command {r['pipeline_command_images_per_s']})",
+        ),
+        *(
+            [
+                (
+                    "with gradient maps images/s",
+                    f"{r['scorer_gradient_images_per_s']} (the gradient map alone "
+                    f"{r['gradient_map_images_per_s']}; the pipeline writes gradient maps)",
+                )
+            ]
+            if "gradient_map_images_per_s" in r
+            else []
         ),
         (
             "naive images/s",

@@ -272,3 +272,22 @@ def test_score_writes_gradient_maps_through_ray(ray_session, flowscore_home, tmp
     assert main(argv) == 0
     rows = cat.load_table("flowscore.image_scores").scan().to_arrow().to_pylist()
     assert {r["heatmap_kind"] for r in rows} == {"likelihood"}
+
+
+def test_bench_times_the_gradient_map_and_refuses_window_presets(tmp_path, capsys) -> None:
+    """``bench --heatmap gradient``: the map's images/s, and the scorer's with it (slower
+    than without: it is one more forward and a backward pass); a window preset: exit 2."""
+    import json
+
+    from jobs.cli import main
+
+    path = tmp_path / "bench.json"
+    args = ["bench", "--images", "2", "--batch", "2", "--height", "64", "--width", "96"]
+    args += ["--pipeline-images", "0", "--no-bf16", "--quiet", "--heatmap", "gradient"]
+    assert main([*args, "--preset", "cnn", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["heatmap"] == "gradient" and r["gradient_map_images_per_s"] > 0
+    assert r["scorer_gradient_images_per_s"] < r["scorer_images_per_s"]
+    assert "with gradient maps" in capsys.readouterr().out
+    assert main([*args, "--preset", "grain-full"]) == 2
+    assert "cnn-mobilenet" in capsys.readouterr().err

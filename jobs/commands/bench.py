@@ -55,6 +55,14 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "--test-transforms N; default: the model's own, 1 for a preset)",
     )
     b.add_argument(
+        "--heatmap",
+        choices=["likelihood", "gradient"],
+        default="likelihood",
+        help="gradient: also time the gradient map (CNN presets and models; the cost of "
+        "score --heatmap gradient), and the pipeline writes gradient maps "
+        "(default: %(default)s)",
+    )
+    b.add_argument(
         "--images",
         type=positive_int,
         default=32,
@@ -188,24 +196,30 @@ def run(args: argparse.Namespace) -> int:
             model = load_bundle(args.model)
         except BundleError as e:
             raise UsageError(str(e)) from e
-    result = run_bench(
-        preset=args.preset,
-        model=model,
-        images=args.images,
-        batch=args.batch,
-        threads=args.threads,
-        device=device,
-        naive_rows=args.naive_rows,
-        height=args.height,
-        width=args.width,
-        pipeline_images=args.pipeline_images,
-        actors=args.actors,
-        ray_address=args.ray_address,
-        memory_images=args.memory_images if args.memory else 0,
-        bf16=not args.no_bf16,
-        transforms=args.test_transforms,
-        log=log,
-    )
+    from flowcore.gradient import GradientMapError
+
+    try:
+        result = run_bench(
+            preset=args.preset,
+            model=model,
+            images=args.images,
+            batch=args.batch,
+            threads=args.threads,
+            device=device,
+            naive_rows=args.naive_rows,
+            height=args.height,
+            width=args.width,
+            pipeline_images=args.pipeline_images,
+            actors=args.actors,
+            ray_address=args.ray_address,
+            memory_images=args.memory_images if args.memory else 0,
+            bf16=not args.no_bf16,
+            transforms=args.test_transforms,
+            heatmap=args.heatmap,
+            log=log,
+        )
+    except GradientMapError as e:
+        raise UsageError(str(e)) from e
     print(format_table(result))
     _write_json(args.json, result)
     return EXIT_OK
