@@ -1121,7 +1121,7 @@ def run_report(
         images_dir.mkdir(parents=True)
         try:
             if run.rows:
-                _scored_sections(con, page, out, top, log)
+                _scored_sections(con, page, out, top, log, settings)
                 if run.period is not None:
                     _daily(con, page, out, log)
             _errors(con, page, out, log)
@@ -1140,7 +1140,12 @@ def run_report(
 
 
 def _scored_sections(
-    con: duckdb.DuckDBPyConnection, page: _Page, out: Path, top: int, log: Log
+    con: duckdb.DuckDBPyConnection,
+    page: _Page,
+    out: Path,
+    top: int,
+    log: Log,
+    settings: Settings | None = None,
 ) -> None:
     data = _arrow_table(
         con, f"select {_select(page.path_columns, heatmap=False)} from scope_scores", []
@@ -1156,7 +1161,9 @@ def _scored_sections(
         name = info.get("model_name") or first[0]
         version = info.get("model_version") or first[1]
         gradient = _has_gradient_maps(con)
-        page.clip = None if gradient else _registry_clip(str(name or ""), str(version or ""), log)
+        page.clip = (
+            None if gradient else _registry_clip(str(name or ""), str(version or ""), log, settings)
+        )
         page.clip_source = f"heatmap_clip of models:/{name}/{version}"
         if gradient:
             page.note(
