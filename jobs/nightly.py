@@ -25,6 +25,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, ...]]] = {
         "max_error_rate": (float, int),
         "precision": (str,),
         "test_transforms": (int,),
+        "heatmap": (str,),
     },
     "maintain": {
         "every": (str,),
@@ -107,6 +108,10 @@ def load_job(path: str | Path) -> JobSpec:
     if spec.precision not in ("fp32", "bf16", "auto"):
         raise JobUsageError(
             f"{p}: score.precision must be fp32, bf16 or auto, got {spec.precision!r}"
+        )
+    if spec.heatmap not in ("likelihood", "gradient"):
+        raise JobUsageError(
+            f"{p}: score.heatmap must be likelihood or gradient, got {spec.heatmap!r}"
         )
     if spec.test_transforms is not None and not 1 <= spec.test_transforms <= 8:
         raise JobUsageError(

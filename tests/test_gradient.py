@@ -291,3 +291,30 @@ def test_bench_times_the_gradient_map_and_refuses_window_presets(tmp_path, capsy
     assert "with gradient maps" in capsys.readouterr().out
     assert main([*args, "--preset", "grain-full"]) == 2
     assert "cnn-mobilenet" in capsys.readouterr().err
+
+
+def test_job_spec_takes_the_heatmap_kind(small_scorer, flowscore_home, tmp_path) -> None:
+    """``[score] heatmap`` in a job file: likelihood by default, gradient when asked, anything
+    else refused naming the key; a window model with gradient is refused at the job's start,
+    naming the file, before anything is scored."""
+    from flowcore.bundle import save_bundle
+    from jobs.nightly import JobUsageError, load_job
+    from pipelines.synth import write_archive
+    from pipelines.usecases.nightly import run_job
+
+    p = tmp_path / "j.toml"
+    archive = tmp_path / "archive"
+    write_archive(archive, kind="harvest", images=2, seed=2, height=64, width=96)
+    bundle = save_bundle(small_scorer, tmp_path / "bundle")
+    base = f'[job]\nname = "j"\narchive = "{archive}"\nmodel = "{bundle}"\n[score]\n'
+    p.write_text(base)
+    assert load_job(p).heatmap == "likelihood"
+    p.write_text(base + 'heatmap = "saliency"\n')
+    with pytest.raises(JobUsageError, match="score.heatmap"):
+        load_job(p)
+    p.write_text(base + 'heatmap = "gradient"\n')
+    spec = load_job(p)
+    assert spec.heatmap == "gradient"
+    with pytest.raises(JobUsageError, match=r"j\.toml.*cnn-mobilenet"):
+        run_job(spec, where=str(p), log=lambda s: None, out=lambda s: None)
+    assert not (flowscore_home / "catalog.db").exists()

@@ -66,6 +66,8 @@ class JobSpec:
     max_error_rate: float = 0.05
     precision: str = "fp32"
     test_transforms: int | None = None
+    # what the heatmap column holds: likelihood, or gradient (CNN models; flowcore.gradient)
+    heatmap: str = "likelihood"
     maintain_every_s: float | None = None
     maintain: MaintainPolicy = field(default_factory=MaintainPolicy)
 
@@ -162,7 +164,7 @@ def run_job(
     except tracking.TrackingError as e:
         raise JobUsageError(str(e)) from e
     try:
-        validated = check_bundle(resolved.path)
+        validated = check_bundle(resolved.path, spec.heatmap)
     except ScoreUsageError as e:
         raise JobUsageError(f"{path}: job.model {spec.model}: {e}") from e
     try:
@@ -221,6 +223,7 @@ def run_job(
                     fence=lock.check,
                     precision=spec.precision,
                     transforms=spec.test_transforms,
+                    heatmap=spec.heatmap,
                     settings=settings,
                 ),
                 log,
