@@ -605,6 +605,31 @@ def _median_line(t: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return centre, med, f"rolling median of {k} images"
 
 
+def _path_panels(
+    page: _Page, data: pa.Table, quality: np.ndarray
+) -> list[tuple[str, list[tuple[str, np.ndarray]]]]:
+    """Per path column, the images' quality by value (the most frequent values only)."""
+    panels = []
+    for col in page.path_columns:
+        values = data.column(col).to_pylist()
+        if all(x is None for x in values):
+            continue
+        groups: dict[str, list[float]] = {}
+        for x, q in zip(values, quality, strict=True):
+            if math.isfinite(q):
+                groups.setdefault("(none)" if x is None else str(x), []).append(float(q))
+        if len(groups) > MAX_GROUPS:
+            kept = sorted(groups, key=lambda g: -len(groups[g]))[:MAX_GROUPS]
+            page.note(
+                "quality",
+                f"{col}: the {MAX_GROUPS} most frequent of {len(groups)} values are shown.",
+            )
+            groups = {g: groups[g] for g in kept}
+        ordered = sorted(groups, key=_natural_key)
+        panels.append((col, [(g, np.asarray(groups[g])) for g in ordered]))
+    return panels
+
+
 def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
     from jobs.render import save_grouped_boxplots, save_histogram, save_trend
 
@@ -641,24 +666,7 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
     save_trend(out / name, t, v, f, line, "quality over capture time", "quality")
     page.pictures["trend"] = name
 
-    panels = []
-    for col in page.path_columns:
-        values = data.column(col).to_pylist()
-        if all(x is None for x in values):
-            continue
-        groups: dict[str, list[float]] = {}
-        for x, q in zip(values, quality, strict=True):
-            if math.isfinite(q):
-                groups.setdefault("(none)" if x is None else str(x), []).append(float(q))
-        if len(groups) > MAX_GROUPS:
-            kept = sorted(groups, key=lambda g: -len(groups[g]))[:MAX_GROUPS]
-            page.note(
-                "quality",
-                f"{col}: the {MAX_GROUPS} most frequent of {len(groups)} values are shown.",
-            )
-            groups = {g: groups[g] for g in kept}
-        ordered = sorted(groups, key=_natural_key)
-        panels.append((col, [(g, np.asarray(groups[g])) for g in ordered]))
+    panels = _path_panels(page, data, quality)
     if panels:
         name = f"{page.images}/quality_by_path.png"
         save_grouped_boxplots(out / name, panels, "quality")
@@ -671,6 +679,18 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
 
 
 DAILY_LINES = 6  # values of a path column drawn as their own lines in the per-day figure
+
+
+def _path_totals(con: duckdb.DuckDBPyConnection, col: str) -> list[dict[str, Any]]:
+    """A path column's most frequent values over the period: images, flagged, median quality."""
+    table = con.execute(
+        f"""
+        select {_q(col)} as value, count(*) as n,
+               count(*) filter (where is_anomaly) as flagged, median(quality) as q
+        from scope_scores group by 1 order by n desc limit {MAX_GROUPS}
+        """
+    ).fetchall()
+    return [{"value": v, "images": n, "flagged": f, "median_quality": q} for v, n, f, q in table]
 
 
 def _daily(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> None:
@@ -719,16 +739,7 @@ def _daily(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> 
         if 1 < len(values) <= DAILY_LINES and len(series) < 1 + 2 * DAILY_LINES:
             for v in sorted(values, key=lambda x: _natural_key(str(x))):
                 line(f"{col}={v}", per_day(f"{_q(col)} = ?", [v]))
-        table = con.execute(
-            f"""
-            select {_q(col)} as value, count(*) as n,
-                   count(*) filter (where is_anomaly) as flagged, median(quality) as q
-            from scope_scores group by 1 order by n desc limit {MAX_GROUPS}
-            """
-        ).fetchall()
-        page.path_tables[col] = [
-            {"value": v, "images": n, "flagged": f, "median_quality": q} for v, n, f, q in table
-        ]
+        page.path_tables[col] = _path_totals(con, col)
     name = f"{page.images}/daily.png"
     save_daily(
         out / name,
@@ -960,42 +971,48 @@ def _errors_html(page: _Page) -> str:
     return _picture(page, "errors", "errors by stage and type") + table
 
 
+def _scored_html(page: _Page, what: str) -> tuple[str, str, str]:
+    """The worst/best images, the box plots and the quality sections of a page with rows."""
+    images = (
+        "<p>Each picture: the original | its heatmap overlay (dark red = low window "
+        "log-likelihood, transparent at or above the clip's upper value).</p>\n"
+        f"{_notes(page, 'images')}"
+        f"<h3>The {len(page.worst)} worst (highest anomaly_score)</h3>\n"
+        f"{_gallery(page.worst, page.path_columns)}"
+        f"<h3>The {len(page.best)} best (lowest anomaly_score)</h3>\n"
+        + (
+            _gallery(page.best, page.path_columns)
+            if page.best
+            else f"<p>all of this {what}'s images are shown above.</p>\n"
+        )
+    )
+    bins = "".join(f"<li>{_e(b)}</li>" for b in page.bins)
+    boxplots = (
+        "<p>Window log-likelihoods of images picked across equal-count bins of quality "
+        f"(up to {PICKS_PER_BIN} per bin), one box per image, ordered by quality and "
+        "coloured by bin (as Figure 2 of the grain paper).</p>\n"
+        f"{_notes(page, 'boxplots')}{_picture(page, 'boxplots', 'per-image box plots')}"
+        + (f"<ul>{bins}</ul>\n" if bins else "")
+    )
+    quality = (
+        "<p>quality = (p25 + p50) / 2 of the window log-likelihoods (lower = worse).</p>\n"
+        f"{_notes(page, 'quality')}"
+        f"{_picture(page, 'hist', 'quality histogram')}"
+        f"{_picture(page, 'trend', 'quality over captured_at')}"
+        f"{_picture(page, 'by_path', 'quality by path column')}"
+    )
+    return images, boxplots, quality
+
+
 def _html(page: _Page, top: int) -> str:
     run = page.run
     title = f"flowscore report: {run.title}"
     what = "run" if run.period is None else "period"
     generated = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    none = f'<p class="note">this {what} has no rows left in image_scores.</p>\n'
     if run.rows:
-        images = (
-            "<p>Each picture: the original | its heatmap overlay (dark red = low window "
-            "log-likelihood, transparent at or above the clip's upper value).</p>\n"
-            f"{_notes(page, 'images')}"
-            f"<h3>The {len(page.worst)} worst (highest anomaly_score)</h3>\n"
-            f"{_gallery(page.worst, page.path_columns)}"
-            f"<h3>The {len(page.best)} best (lowest anomaly_score)</h3>\n"
-            + (
-                _gallery(page.best, page.path_columns)
-                if page.best
-                else f"<p>all of this {what}'s images are shown above.</p>\n"
-            )
-        )
-        bins = "".join(f"<li>{_e(b)}</li>" for b in page.bins)
-        boxplots = (
-            "<p>Window log-likelihoods of images picked across equal-count bins of quality "
-            f"(up to {PICKS_PER_BIN} per bin), one box per image, ordered by quality and "
-            "coloured by bin (as Figure 2 of the grain paper).</p>\n"
-            f"{_notes(page, 'boxplots')}{_picture(page, 'boxplots', 'per-image box plots')}"
-            + (f"<ul>{bins}</ul>\n" if bins else "")
-        )
-        quality = (
-            "<p>quality = (p25 + p50) / 2 of the window log-likelihoods (lower = worse).</p>\n"
-            f"{_notes(page, 'quality')}"
-            f"{_picture(page, 'hist', 'quality histogram')}"
-            f"{_picture(page, 'trend', 'quality over captured_at')}"
-            f"{_picture(page, 'by_path', 'quality by path column')}"
-        )
+        images, boxplots, quality = _scored_html(page, what)
     else:
-        none = f'<p class="note">this {what} has no rows left in image_scores.</p>\n'
         images = boxplots = quality = none
     daily = ""
     if run.period is not None:
@@ -1045,6 +1062,54 @@ def _remove_other_builds(out: Path, keep: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _check_request(
+    run_id: str | None,
+    top: int,
+    job: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+) -> dt.datetime | None:
+    """Check what :func:`run_report` was asked for; returns the period's end (now when a
+    job's period has none). Raises :class:`ReportUsageError`."""
+    if top < 1:
+        raise ReportUsageError(f"the number of worst/best images must be >= 1, not {top}")
+    if job is None:
+        return end
+    if run_id is not None:
+        raise ReportUsageError("give either --run or --job, not both")
+    if start is None:
+        raise ReportUsageError("--job needs a period: --since 30d, or --from DATE")
+    end = end or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    if not start < end:
+        raise ReportUsageError(f"the period is empty: {start} is not before {end}")
+    return end
+
+
+def _header_notes(page: _Page, run: _Run) -> None:
+    """What the page says when the tables no longer hold all that the run wrote."""
+    info = run.info or {}
+    scored = info.get("images_scored")
+    if run.info is None and run.period is None:
+        page.note("header", "this run has no row in the runs table.")
+    if isinstance(scored, int) and run.rows < scored:
+        page.note(
+            "header",
+            f"the run scored {scored} images but {run.rows} of its rows remain in "
+            "image_scores: a later run rescored the others (UPSERT on image_uri, etag, "
+            "model_version).",
+        )
+    failed = info.get("images_failed")
+    if isinstance(failed, int) and run.errors < failed:
+        page.note(
+            "errors",
+            f"the run recorded {failed} failed files, {run.errors} of its error rows "
+            "remain (a later run failed or scored the others).",
+        )
+    if run.rows == 0:
+        what = "run" if run.period is None else "period's runs"
+        page.note("header", f"this {what} has no rows left in image_scores.")
+
+
 def run_report(
     out_dir: Path,
     run_id: str | None,
@@ -1067,16 +1132,7 @@ def run_report(
     from pipelines.sql import connect
     from pipelines.tables import TablesError
 
-    if top < 1:
-        raise ReportUsageError(f"the number of worst/best images must be >= 1, not {top}")
-    if job is not None:
-        if run_id is not None:
-            raise ReportUsageError("give either --run or --job, not both")
-        if start is None:
-            raise ReportUsageError("--job needs a period: --since 30d, or --from DATE")
-        end = end or dt.datetime.now(dt.UTC).replace(tzinfo=None)
-        if not start < end:
-            raise ReportUsageError(f"the period is empty: {start} is not before {end}")
+    end = _check_request(run_id, top, job, start, end)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportUsageError(f"--out {out} exists and is not a directory")
@@ -1092,27 +1148,7 @@ def run_report(
             run = _choose_run(con, run_id)
         log(f"report: {run.title}: {run.rows} scored rows, {run.errors} error rows")
         page = _Page(run=run, path_columns=_path_columns(con))
-        info = run.info or {}
-        scored = info.get("images_scored")
-        if run.info is None and run.period is None:
-            page.note("header", "this run has no row in the runs table.")
-        if isinstance(scored, int) and run.rows < scored:
-            page.note(
-                "header",
-                f"the run scored {scored} images but {run.rows} of its rows remain in "
-                "image_scores: a later run rescored the others (UPSERT on image_uri, etag, "
-                "model_version).",
-            )
-        failed = info.get("images_failed")
-        if isinstance(failed, int) and run.errors < failed:
-            page.note(
-                "errors",
-                f"the run recorded {failed} failed files, {run.errors} of its error rows "
-                "remain (a later run failed or scored the others).",
-            )
-        if run.rows == 0:
-            what = "run" if run.period is None else "period's runs"
-            page.note("header", f"this {what} has no rows left in image_scores.")
+        _header_notes(page, run)
         # a new folder per build: the old index.html keeps its pictures until the new one
         # replaces it in one rename, so a reader (or a crash) never sees a page whose PNGs
         # are gone or half-written
