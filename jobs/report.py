@@ -1110,6 +1110,38 @@ def _header_notes(page: _Page, run: _Run) -> None:
         page.note("header", f"this {what} has no rows left in image_scores.")
 
 
+def _build(
+    con: duckdb.DuckDBPyConnection,
+    page: _Page,
+    out: Path,
+    top: int,
+    log: Log,
+    settings: Settings | None,
+) -> Path:
+    """Draw the page's pictures into a new folder and write its index.html."""
+    run = page.run
+    # a new folder per build: the old index.html keeps its pictures until the new one
+    # replaces it in one rename, so a reader (or a crash) never sees a page whose PNGs
+    # are gone or half-written
+    page.images = f"{IMAGES_DIR}-{uuid.uuid4().hex[:12]}"
+    images_dir = out / page.images
+    images_dir.mkdir(parents=True)
+    try:
+        if run.rows:
+            _scored_sections(con, page, out, top, log, settings)
+            if run.period is not None:
+                _daily(con, page, out, log)
+        _errors(con, page, out, log)
+        index = out / "index.html"
+        tmp = out / f".index.html.{os.getpid()}.tmp"
+        tmp.write_text(_html(page, top), encoding="utf-8")
+        os.replace(tmp, index)
+    except BaseException:
+        shutil.rmtree(images_dir, ignore_errors=True)
+        raise
+    return index
+
+
 def run_report(
     out_dir: Path,
     run_id: str | None,
@@ -1149,25 +1181,7 @@ def run_report(
         log(f"report: {run.title}: {run.rows} scored rows, {run.errors} error rows")
         page = _Page(run=run, path_columns=_path_columns(con))
         _header_notes(page, run)
-        # a new folder per build: the old index.html keeps its pictures until the new one
-        # replaces it in one rename, so a reader (or a crash) never sees a page whose PNGs
-        # are gone or half-written
-        page.images = f"{IMAGES_DIR}-{uuid.uuid4().hex[:12]}"
-        images_dir = out / page.images
-        images_dir.mkdir(parents=True)
-        try:
-            if run.rows:
-                _scored_sections(con, page, out, top, log, settings)
-                if run.period is not None:
-                    _daily(con, page, out, log)
-            _errors(con, page, out, log)
-            index = out / "index.html"
-            tmp = out / f".index.html.{os.getpid()}.tmp"
-            tmp.write_text(_html(page, top), encoding="utf-8")
-            os.replace(tmp, index)
-        except BaseException:
-            shutil.rmtree(images_dir, ignore_errors=True)
-            raise
+        index = _build(con, page, out, top, log, settings)
     finally:
         con.close()
     _remove_other_builds(out, keep=page.images)
