@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 TEST_WORKERS ?= 3
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
