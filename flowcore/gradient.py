@@ -53,6 +53,7 @@ __all__ = [
     "GradientMapError",
     "check_gradient_support",
     "default_sigma",
+    "gaussian_blur",
     "pixel_gradient",
     "pool_to_grid",
     "gradient_map",
@@ -92,7 +93,7 @@ def default_sigma(geometry: Geometry) -> float:
     return 0.5 * geometry.stride / geometry.scale
 
 
-def _gaussian(x: Tensor, sigma: float) -> Tensor:
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (N, 1, H, W), kernel ±3σ, edges reflected (σ ≤ 0: none)."""
     if sigma <= 0:
         return x
@@ -172,7 +173,7 @@ def gradient_map(
             grad, grid = pixel_gradient(scorer, x)
             with torch.no_grad():
                 per_pixel = grad.abs().sum(dim=1, keepdim=True)  # (b, 1, H, W)
-                smooth = _gaussian(per_pixel, sig)[:, 0]
+                smooth = gaussian_blur(per_pixel, sig)[:, 0]
                 outs.append(pool_to_grid(smooth, geometry, grid.shape[1], grid.shape[2]))
     finally:
         scorer.train(was_training)

@@ -43,7 +43,7 @@ def test_pixel_gradient_matches_finite_differences_in_float64() -> None:
     central differences of the image NLL at 8 pixels, float64."""
     scorer = _tiny(scale=0.5).double()
     gen = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 3, 40, 56, generator=gen, dtype=torch.float64)
+    x = torch.rand(2, 3, 32, 40, generator=gen, dtype=torch.float64)
     grad, grid = pixel_gradient(scorer, x)
     assert grad.shape == x.shape and grad.dtype == torch.float64
     assert grid.shape[0] == 2
@@ -132,7 +132,7 @@ SMALL_CNN = replace(
     PRESETS["cnn"],
     featurizer=CNNConfig(backbone="resnet18", layers=("layer1", "layer2"), scale=0.5),
     flow=CouplingConfig(blocks=2, hidden=(32,)),
-    fit=FitConfig(max_epochs=4, batch_size=128, lr=1e-3),
+    fit=FitConfig(max_epochs=3, batch_size=128, lr=1e-3),
     windows_per_image=60,
     basis_rows=600,
 )
@@ -142,7 +142,7 @@ SMALL_CNN = replace(
 def fitted() -> Scorer:
     """The cnn preset, shrunk: a small coupling flow fitted on smooth textures."""
     torch.manual_seed(0)
-    scorer, _ = fit_scorer(texture(10, 96, 128, 1), texture(3, 96, 128, 2), SMALL_CNN)
+    scorer, _ = fit_scorer(texture(6, 96, 128, 1), texture(2, 96, 128, 2), SMALL_CNN)
     return scorer
 
 
@@ -179,6 +179,7 @@ def test_window_models_are_refused_in_one_line(small_scorer) -> None:
 # ---------------------------------------------------------------- through the commands
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_gradient_maps_pixel_auroc(
     fitted, small_scorer, flowscore_home, tmp_path, capsys
 ) -> None:
@@ -274,6 +275,7 @@ def test_score_writes_gradient_maps_through_ray(ray_session, flowscore_home, tmp
     assert {r["heatmap_kind"] for r in rows} == {"likelihood"}
 
 
+@pytest.mark.slow
 def test_bench_times_the_gradient_map_and_refuses_window_presets(tmp_path, capsys) -> None:
     """``bench --heatmap gradient``: the map's images/s, and the scorer's with it (slower
     than without: it is one more forward and a backward pass); a window preset: exit 2."""
