@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from flowcore.cnn import CNNConfig, CNNFeaturizer
+from flowcore.distill import DistilledConfig, DistilledFeaturizer
 from flowcore.encoder import EncoderConfig, EncoderFeaturizer
 from flowcore.fit import PRESETS
 from flowcore.flops import flops_per_image
@@ -73,9 +74,23 @@ def _random_windows(cfg: WindowConfig, gen: torch.Generator) -> WindowFeaturizer
     return feat
 
 
+DISTILLED_BENCH = {"distilled": "grain-full", "distilled-quarter": "grain-quarter"}
+"""Bench-only names: a student (flowcore.distill, default size) on the teacher preset's
+window geometry, for its images/s beside the teacher's."""
+
+
 def random_scorer(preset: str, seed: int = 0) -> Scorer:
     """The preset's scorer with a random orthonormal basis (a CNN preset: its backbone's
-    random initialisation) and a fresh flow: speed does not depend on the values."""
+    random initialisation) and a fresh flow: speed does not depend on the values. A name of
+    :data:`DISTILLED_BENCH`: a randomly initialised student of that preset's geometry."""
+    if preset in DISTILLED_BENCH:
+        teacher = PRESETS[DISTILLED_BENCH[preset]]
+        assert isinstance(teacher.featurizer, WindowConfig)
+        w = teacher.featurizer
+        student = DistilledFeaturizer(
+            DistilledConfig(window=w.window, stride=w.stride, scale=w.scale), seed=seed
+        )
+        return Scorer(student.eval(), None, image_score=teacher.image_score).eval()
     spec = PRESETS[preset]
     cfg = spec.featurizer
     gen = torch.Generator().manual_seed(seed)
@@ -449,7 +464,11 @@ def run_bench(
         "components": cfg.features,
         "grid": list(scorer.log_likelihood_grid(imgs[:1]).shape[1:]),
         "windows_per_image": fl["windows"],
-        "flow": type(scorer.flow_config).__name__.removesuffix("Config").lower(),
+        "flow": (
+            "none (distilled)"
+            if scorer.flow is None
+            else type(scorer.flow_config).__name__.removesuffix("Config").lower()
+        ),
         "threads": torch.get_num_threads(),
         "device": device if device == "cpu" else f"{device} ({gpu_name})",
         "test_transforms": scorer.transforms,
@@ -587,15 +606,6 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['scorer_images_per_s']} "
             f"({100 * r['scorer_fraction_of_roofline']:.0f} % of roofline)",
         ),
-        (
-            "pipeline images/s",
-            "not measured (--pipeline-images 0)"
-            if r["pipeline_images_per_s"] is None
-            else f"{r['pipeline_images_per_s']} "
-            f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
-            f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
-            f"actor(s); whole command {r['pipeline_command_images_per_s']})",
-        ),
         *(
             [
                 (
@@ -606,6 +616,15 @@ def format_table(r: dict[str, Any]) -> str:
             ]
             if "gradient_map_images_per_s" in r
             else []
+        ),
+        (
+            "pipeline images/s",
+            "not measured (--pipeline-images 0)"
+            if r["pipeline_images_per_s"] is None
+            else f"{r['pipeline_images_per_s']} "
+            f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
+            f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
+            f"actor(s); whole command {r['pipeline_command_images_per_s']})",
         ),
         (
             "naive images/s",

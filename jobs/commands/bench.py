@@ -41,10 +41,12 @@ def register(sub: Subparsers, parents: Parents) -> None:
     )
     b.add_argument(
         "--preset",
-        choices=PRESET_NAMES,
+        choices=(*PRESET_NAMES, "distilled", "distilled-quarter"),
         default="grain-full",
-        help="model shapes to measure (default: %(default)s); the naive reference is measured "
-        "for the single-scale window presets only",
+        help="model shapes to measure (default: %(default)s); distilled and "
+        "distilled-quarter: a CNN student (flowscore train --distill-from) on grain-full's or "
+        "grain-quarter's window grid; the naive reference is measured for the single-scale "
+        "window presets only",
     )
     b.add_argument("--model", help="a local bundle directory to measure instead of a preset")
     b.add_argument(

@@ -72,6 +72,15 @@ def register(sub: Subparsers, parents: Parents) -> None:
         help="leave out images that the archive's _truth/labels.csv marks anomalous",
     )
     t.add_argument("--max-epochs", type=positive_int, help="override fit.max_epochs")
+    t.add_argument(
+        "--distill-from",
+        metavar="MODEL",
+        help="train a small CNN that predicts this model's window log-likelihoods instead "
+        "of a flow (models:/NAME@ALIAS, models:/NAME/VERSION or a bundle directory): "
+        "cheaper to score, same summaries, heatmaps and threshold rules; uses the "
+        "teacher's spec and split, trains in this process, records the teacher in the "
+        "bundle; --max-epochs caps its epochs",
+    )
     _model_options(t)
     _cluster_options(t)
     t.set_defaults(func=run)
@@ -150,17 +159,27 @@ def run(args: argparse.Namespace) -> int:
         spec=spec,
         settings=args.settings,
         fault=fault,
+        distill_from=args.distill_from,
     )
     try:
         out = run_train(req, stderr_log(args.quiet))
     except (TrainUsageError, TrackingError, ModelResolutionError) as e:
         raise UsageError(str(e)) from e
-    print(
-        f"trained {req.name}: held-out NLL {out.best_val_nll:.3f} (untrained flow: "
-        f"{out.initial_val_nll:.3f}), threshold {out.threshold:.3f}, "
-        f"{out.train_images} training / {out.val_images} held-out images",
-        file=sys.stderr,
-    )
+    if req.distill_from:
+        print(
+            f"distilled {req.name} from {req.distill_from}: held-out loss "
+            f"{out.best_val_nll:.4f} (first epoch {out.initial_val_nll:.4f}), threshold "
+            f"{out.threshold:.3f}, {out.train_images} training / {out.val_images} held-out "
+            "images",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"trained {req.name}: held-out NLL {out.best_val_nll:.3f} (untrained flow: "
+            f"{out.initial_val_nll:.3f}), threshold {out.threshold:.3f}, "
+            f"{out.train_images} training / {out.val_images} held-out images",
+            file=sys.stderr,
+        )
     if req.promote:
         print(f"alias champion -> version {out.version}", file=sys.stderr)
     print(out.model_uri)

@@ -76,6 +76,8 @@ class TrainRequest:
     settings: Any = None
     # test hook (pipelines.train.TrainFault): rank 0 raises once at an epoch
     fault: Any = None
+    # a model URI: train a CNN student of that model instead (pipelines.usecases.distill)
+    distill_from: str | None = None
 
 
 @dataclass
@@ -217,6 +219,10 @@ def _backbone_state(spec: Any, req: TrainRequest, log: Log) -> Any:
 
 
 def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
+    if req.distill_from is not None:
+        from .distill import run_distill
+
+        return run_distill(req, log)
     import numpy as np
     import torch
 
