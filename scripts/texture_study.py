@@ -145,6 +145,15 @@ def main() -> None:
         stats[f"-mean of {k} lowest"] = k_lowest(gt, min(k, gt[0].size))
     stats["|grid mean - normal|"] = two_sided_mean(gt)
     stats["max(tail z, |mean z|)"] = np.maximum(tail, np.abs(mean_z))
+    # per window, two-sided: how far each window's log-likelihood is from the held-out
+    # normal windows' median, in robust spreads; the mean of the k farthest windows
+    flat_v = gv.reshape(-1)
+    centre = float(np.median(flat_v))
+    spread = max(1.4826 * float(np.median(np.abs(flat_v - centre))), 1e-9)
+    z = np.abs(gt.reshape(len(gt), -1) - centre) / spread
+    for k in (4, 16):
+        stats[f"mean of {k} farthest |z|"] = -np.sort(-z, axis=1)[:, :k].mean(axis=1)
+    stats["mean of 16 highest"] = np.sort(gt.reshape(len(gt), -1), axis=1)[:, -16:].mean(axis=1)
     out: dict[str, dict[str, float]] = {}
     if "image_statistic_choice" in scorer.training_stats:
         print("  auto:", scorer.training_stats["image_statistic_choice"])
