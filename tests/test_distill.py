@@ -183,3 +183,67 @@ def test_config_is_validated():
     for bad in ({"channels": 0}, {"depth": 9}, {"stride": 0}, {"lr": -1.0}, {"epochs": 1.5}):
         with pytest.raises(ValueError):
             DistilledConfig(**bad)  # type: ignore[arg-type]
+
+
+TINY_TEACHER = """
+windows_per_image = 256
+basis_rows = 2000
+val_fraction = 0.2
+[featurizer]
+type = "windows"
+window = 5
+stride = 2
+scale = 0.5
+[flow]
+type = "maf"
+blocks = 2
+hidden = 48
+[fit]
+max_epochs = 3
+batch_size = 256
+lr = 0.005
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_distill_from_a_registered_model_then_evaluate_and_score(
+    ray_session, tmp_path, monkeypatch, capsys
+):
+    """train → train --distill-from → evaluate → score, through the real CLI, Ray and MLflow."""
+    from jobs.cli import main
+    from pipelines import tracking
+    from pipelines.synth import write_archive
+
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    archive = tmp_path / "archive"
+    write_archive(
+        archive, kind="harvest", images=16, seed=0, anomaly_rate=0.25, height=128, width=160
+    )
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(TINY_TEACHER)
+    common = ["--archive", str(archive), "--skip-labelled-anomalies"]
+    teacher_cmd = ["train", *common, "--name", "t", "--preset", "grain-quarter", "--config"]
+    assert main([*teacher_cmd, str(cfg)]) == 0
+    student_cmd = ["train", *common, "--name", "s", "--distill-from", "models:/t@champion"]
+    assert main([*student_cmd, "--max-epochs", "4"]) == 0
+    assert "models:/s/1" in capsys.readouterr().out
+    resolved = tracking.resolve_model("models:/s@champion")
+    student = load_bundle(resolved.path)
+    teacher_path = tracking.resolve_model("models:/t/1").path
+    assert isinstance(student.featurizer, DistilledFeaturizer) and student.flow is None
+    rec = student.featurizer.teacher
+    assert rec["name"] == "t" and rec["version"] == "1" and rec["uri"] == "models:/t@champion"
+    assert rec["weights_sha256"] == weights_sha256(load_bundle(teacher_path))
+    assert math.isfinite(student.threshold)
+    assert student.training_stats["distill"]["best_epoch"] >= 1
+    out = tmp_path / "eval.json"
+    evaluate = ["evaluate", "--archive", str(archive), "--model", "models:/s@champion"]
+    assert main([*evaluate, "--json", str(out), "--baseline-rows", "2000"]) == 0
+    rep = json.loads(out.read_text())
+    assert 0.0 <= rep["image_auroc"]["flow"] <= 1.0 and rep["images"] == 16
+    score = ["score", "--archive", str(archive), "--model", "models:/s@champion"]
+    assert main(score) == 0
+    assert main(["query", "SELECT count(*) AS n FROM image_scores", "--format", "json"]) == 0
+    assert '"n": 16' in capsys.readouterr().out
