@@ -75,7 +75,11 @@ class DistilledConfig:
     C of its convolutions and ``depth`` extra stride-1 convolutions. Training: at most
     ``epochs`` epochs of Adam at ``lr`` on batches of ``batch`` images, stopping after
     ``patience`` epochs without a better held-out loss; ``synthetic_copies`` defect copies of
-    each image scored by the teacher; ``quality_weight`` of the per-image quality term."""
+    each image scored by the teacher; ``quality_weight`` of the per-image quality term;
+    targets more than ``target_floor`` standard deviations (of the normal training windows)
+    below their mean are learnt as that floor: a synthetic defect can take a window to
+    -450,000 nats where normal ones lie within ±60 (factory), and such values, or -inf,
+    made the loss NaN; every image the threshold separates lies far above the floor."""
 
     window: int = 46
     stride: int = 8
@@ -88,6 +92,7 @@ class DistilledConfig:
     patience: int = 8
     synthetic_copies: int = 2
     quality_weight: float = 0.0
+    target_floor: float = 20.0
 
     def __post_init__(self) -> None:
         ints = ("window", "stride", "channels", "depth", "epochs", "batch", "patience")
@@ -109,6 +114,8 @@ class DistilledConfig:
             raise ValueError("DistilledConfig.lr must be > 0")
         if not (self.quality_weight >= 0 and math.isfinite(self.quality_weight)):
             raise ValueError("DistilledConfig.quality_weight must be >= 0")
+        if not (self.target_floor > 0 and math.isfinite(self.target_floor)):
+            raise ValueError("DistilledConfig.target_floor must be > 0")
 
     @property
     def features(self) -> int:
@@ -367,11 +374,13 @@ def _loss(
     pairs: Sequence[tuple[np.ndarray, Tensor]],
     ids: Sequence[int],
     quality_weight: float,
+    floor: float,
 ) -> Tensor:
     dev = student.device
     x = to_tensor(np.stack([pairs[i][0] for i in ids]), dev)
     target = torch.stack([pairs[i][1] for i in ids]).to(dev)
     z_target = (target - student.target_mean) / student.target_std
+    z_target = z_target.nan_to_num(nan=-floor, neginf=-floor).clamp(-floor, floor)
     z = student.head(student(x))[:, 0]
     loss = F.smooth_l1_loss(z, z_target)
     if quality_weight > 0:
@@ -423,6 +432,9 @@ def distill(
                 f"geometry; distillation needs a window-grid teacher (windows featurizer)"
             )
     normal = torch.cat([grid.reshape(-1) for grid in train_images_grids(train, cfg)])
+    normal = normal[torch.isfinite(normal)]
+    if normal.numel() < 2:
+        raise ValueError("the teacher gave no finite log-likelihood on the training images")
     student.target_mean.fill_(float(normal.mean()))
     student.target_std.fill_(max(float(normal.std()), 1e-6))
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
@@ -434,7 +446,7 @@ def distill(
         order = torch.randperm(len(train), generator=gen).tolist()
         total, n = 0.0, 0
         for ids in _batches(train, cfg.batch, order):
-            loss = _loss(student, train, ids, cfg.quality_weight)
+            loss = _loss(student, train, ids, cfg.quality_weight, cfg.target_floor)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -444,7 +456,9 @@ def distill(
         with torch.no_grad():
             vt, vn = 0.0, 0
             for ids in _batches(val, cfg.batch, range(len(val))):
-                vt += float(_loss(student, val, ids, cfg.quality_weight)) * len(ids)
+                vt += float(_loss(student, val, ids, cfg.quality_weight, cfg.target_floor)) * len(
+                    ids
+                )
                 vn += len(ids)
         row = {"epoch": float(epoch), "train_loss": total / max(n, 1), "val_loss": vt / vn}
         history.append(row)

@@ -179,8 +179,22 @@ def test_a_flow_bundle_that_says_distilled_is_refused(small_scorer, tmp_path):
         load_bundle(bad)
 
 
+def test_extreme_and_infinite_targets_keep_the_loss_finite():
+    from flowcore.distill import _loss
+
+    student = DistilledFeaturizer(DistilledConfig(window=8, stride=4, channels=4))
+    img = texture(1, 48, 64, 7)[0]
+    grid = torch.zeros(11, 15)
+    grid[0, 0], grid[1, 1], grid[2, 2] = -4.5e5, -math.inf, math.nan
+    loss = _loss(student, [(img, grid)], [0], 1.0, 20.0)
+    assert math.isfinite(float(loss))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
 def test_config_is_validated():
-    for bad in ({"channels": 0}, {"depth": 9}, {"stride": 0}, {"lr": -1.0}, {"epochs": 1.5}):
+    bads = ({"channels": 0}, {"depth": 9}, {"stride": 0}, {"lr": -1.0}, {"epochs": 1.5})
+    for bad in (*bads, {"target_floor": 0.0}, {"target_floor": math.inf}):
         with pytest.raises(ValueError):
             DistilledConfig(**bad)  # type: ignore[arg-type]
 
