@@ -80,6 +80,7 @@ def check_gradient_support(scorer: Scorer) -> None:
             "WindowFeaturizer": "pixel windows (presets grain-full, grain-quarter)",
             "MultiScaleFeaturizer": "multi-scale windows (preset grain-multiscale)",
             "EncoderFeaturizer": "an autoencoder (preset ae-flow)",
+            "DistilledFeaturizer": "a distilled student (no flow to differentiate)",
         }.get(type(feat).__name__, type(feat).__name__)
         raise GradientMapError(
             f"--heatmap gradient needs a CNN featurizer (presets cnn, cnn-mobilenet); this "
