@@ -53,6 +53,12 @@ def register(sub: Subparsers, parents: Parents) -> None:
         default=16,
         help="images per scorer call and per Ray block (default: %(default)s)",
     )
+    _what_options(sc)
+    sc.set_defaults(func=run)
+
+
+def _what_options(sc: argparse.ArgumentParser) -> None:
+    """What is computed per image: the arithmetic, test-time transforms, the heatmap kind."""
     sc.add_argument(
         "--precision",
         choices=["fp32", "bf16", "auto"],
@@ -81,7 +87,6 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "pooled onto the same grid (DifferNet; heatmap_kind says which; scores and quality "
         "stay from the likelihood; one backward pass per batch) (default: %(default)s)",
     )
-    sc.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -72,6 +72,14 @@ def register(sub: Subparsers, parents: Parents) -> None:
         help="leave out images that the archive's _truth/labels.csv marks anomalous",
     )
     t.add_argument("--max-epochs", type=positive_int, help="override fit.max_epochs")
+    _distill_option(t)
+    _model_options(t)
+    _cluster_options(t)
+    t.set_defaults(func=run)
+
+
+def _distill_option(t: argparse.ArgumentParser) -> None:
+    """``--distill-from``: a student instead of a flow."""
     t.add_argument(
         "--distill-from",
         metavar="MODEL",
@@ -81,9 +89,6 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "teacher's spec and split, trains in this process, records the teacher in the "
         "bundle; --max-epochs caps its epochs",
     )
-    _model_options(t)
-    _cluster_options(t)
-    t.set_defaults(func=run)
 
 
 def _model_options(t: argparse.ArgumentParser) -> None:
