@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs.commands.common import (
@@ -39,6 +40,16 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "window). Without --model, the preset's scorer is built with "
         "random weights: speed does not depend on the weights' values.",
     )
+    _model_options(b)
+    _scorer_options(b)
+    _pipeline_options(b)
+    b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
+    _table_options(b)
+    b.set_defaults(func=run)
+
+
+def _model_options(b: argparse.ArgumentParser) -> None:
+    """What is measured: a preset's shapes or a bundle, and what each image costs."""
     b.add_argument(
         "--preset",
         choices=(*PRESET_NAMES, "distilled", "distilled-quarter"),
@@ -64,6 +75,10 @@ def register(sub: Subparsers, parents: Parents) -> None:
         "score --heatmap gradient), and the pipeline writes gradient maps "
         "(default: %(default)s)",
     )
+
+
+def _scorer_options(b: argparse.ArgumentParser) -> None:
+    """The in-process scorer's figures: images, batch, threads, image size."""
     b.add_argument(
         "--images",
         type=positive_int,
@@ -92,6 +107,10 @@ def register(sub: Subparsers, parents: Parents) -> None:
     b.add_argument(
         "--width", type=positive_int, default=640, help="image width (default: %(default)s)"
     )
+
+
+def _pipeline_options(b: argparse.ArgumentParser) -> None:
+    """The end-to-end figures: the Ray pipeline, bf16, peak memory of flowscore score."""
     b.add_argument(
         "--pipeline-images",
         type=non_negative_int,
@@ -127,9 +146,6 @@ def register(sub: Subparsers, parents: Parents) -> None:
         help="the smaller archive of --memory (default: %(default)s)",
     )
     b.add_argument("--use-gpu", action="store_true", help="measure on CUDA")
-    b.add_argument("--json", metavar="PATH", help="also write the figures as one JSON object")
-    _table_options(b)
-    b.set_defaults(func=run)
 
 
 def _table_options(b: argparse.ArgumentParser) -> None:
@@ -163,23 +179,28 @@ def _table_options(b: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_tables(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """``bench --tables N``."""
+    from jobs.bench_tables import format_table_bench, run_table_bench
+
+    if args.commits > args.tables:
+        raise UsageError(f"--commits ({args.commits}) must not exceed --tables ({args.tables})")
+    result = run_table_bench(
+        args.tables,
+        commits=args.commits,
+        cells=args.heatmap_cells,
+        workdir=args.workdir,
+        log=log,
+    )
+    print(format_table_bench(result))
+    _write_json(args.json, result)
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     if args.tables:
-        from jobs.bench_tables import format_table_bench, run_table_bench
-
-        if args.commits > args.tables:
-            raise UsageError(f"--commits ({args.commits}) must not exceed --tables ({args.tables})")
-        tables_result = run_table_bench(
-            args.tables,
-            commits=args.commits,
-            cells=args.heatmap_cells,
-            workdir=args.workdir,
-            log=log,
-        )
-        print(format_table_bench(tables_result))
-        _write_json(args.json, tables_result)
-        return EXIT_OK
+        return _run_tables(args, log)
 
     import torch
 
