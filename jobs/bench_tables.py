@@ -133,6 +133,7 @@ def _scores(first: int, n: int, night: int, cells: int, rng: np.random.Generator
             pa.array(np.arange(0, (n + 1) * cells, cells, dtype=np.int32)), pa.array(heat)
         ),
         "threshold_source": ["global"] * n,
+        "heatmap_kind": ["likelihood"] * n,
     }
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in schema}, schema=schema)
 
