@@ -368,6 +368,170 @@ def memory_bench(
     return out
 
 
+def _gradient_figures(
+    scorer: Scorer, imgs: np.ndarray, batch: int, device: str, t_scorer: float, log: Log
+) -> dict[str, Any]:
+    """The gradient map alone, and the scorer with it (a ``score --heatmap gradient`` actor)."""
+    from flowcore.gradient import gradient_map
+
+    log("bench: timing the gradient map ...")
+
+    def gradient_all() -> None:
+        for k in range(0, len(imgs), batch):
+            gradient_map(scorer, imgs[k : k + batch])
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    t_grad = _best_time(gradient_all, 2)
+    return {
+        "gradient_map_images_per_s": round(len(imgs) / t_grad, 2),
+        "scorer_gradient_images_per_s": round(len(imgs) / (t_scorer + t_grad), 2),
+    }
+
+
+def _naive_figures(
+    scorer: Scorer, image: np.ndarray, rows: int, roofline: float, log: Log
+) -> dict[str, Any]:
+    """The research code's row loop, timed on ``rows`` heatmap rows and scaled to the image
+    (single-scale window models only: the research code had one scale)."""
+    if not isinstance(scorer.featurizer, WindowFeaturizer):
+        return {
+            "naive_images_per_s": None,
+            "naive_rows_timed": 0,
+            "naive_fraction_of_roofline": None,
+        }
+    log("bench: timing the naive reference on a subset of rows ...")
+    t_rows, gh = naive_row_loop(scorer, image, rows)
+    naive = 1.0 / (t_rows / min(rows, gh) * gh)
+    return {
+        "naive_images_per_s": round(naive, 3),
+        "naive_rows_timed": min(rows, gh),
+        "naive_fraction_of_roofline": round(naive / roofline, 3),
+    }
+
+
+def _header_fields(
+    scorer: Scorer, fl: dict[str, Any], imgs: np.ndarray, batch: int, device: str, gflop: float
+) -> dict[str, Any]:
+    """What was measured: images, the model's shapes, threads, device, FLOPs."""
+    gpu_name = torch.cuda.get_device_name() if device != "cpu" else platform.processor() or "cpu"
+    return {
+        "images": len(imgs),
+        "batch": batch,
+        "image_height": imgs.shape[1],
+        "image_width": imgs.shape[2],
+        **_shape_fields(scorer, fl, imgs),
+        "threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else f"{device} ({gpu_name})",
+        "test_transforms": scorer.transforms,
+        "gflop_per_image": round(gflop, 4),
+        "gflop_projection": round(fl["projection"] / 1e9, 4),
+        "gflop_flow": round(fl["flow"] / 1e9, 4),
+    }
+
+
+def _shape_fields(scorer: Scorer, fl: dict[str, Any], imgs: np.ndarray) -> dict[str, Any]:
+    """What the model looks like: window, stride, scale, features, grid, flow."""
+    cfg = scorer.featurizer.cfg
+    return {
+        "window": getattr(cfg, "window", None),
+        "stride": cfg.stride,
+        "scale": cfg.scale,
+        "components": cfg.features,
+        "grid": list(scorer.log_likelihood_grid(imgs[:1]).shape[1:]),
+        "windows_per_image": fl["windows"],
+        "flow": (
+            "none (distilled)"
+            if scorer.flow is None
+            else type(scorer.flow_config).__name__.removesuffix("Config").lower()
+        ),
+    }
+
+
+def _pipeline_figures(
+    out: dict[str, Any],
+    scorer: Scorer,
+    device: str,
+    lowp: bool,
+    log: Log,
+    kw: dict[str, Any],
+) -> None:
+    """The end-to-end figures into ``out`` (:func:`pipeline_bench` with ``kw``): fp32, and
+    bf16 where the machine has the units."""
+    use_gpu = device != "cpu"
+    p = pipeline_bench(scorer, use_gpu=use_gpu, precision="fp32", log=log, **kw)
+    out.update(p)
+    out["pipeline_fraction_of_roofline"] = round(
+        p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
+    )
+    if lowp:
+        log("bench: the pipeline again, featurizer in bf16 ...")
+        bf = pipeline_bench(scorer, use_gpu=use_gpu, precision="bf16", log=log, **kw)
+        out["pipeline_bf16_images_per_s"] = bf["pipeline_images_per_s"]
+
+
+def _in_process(
+    scorer: Scorer,
+    fl: dict[str, Any],
+    images: int,
+    batch: int,
+    height: int,
+    width: int,
+    device: str,
+    naive_rows: int,
+    bf16: bool,
+    heatmap: str,
+    log: Log,
+) -> tuple[dict[str, Any], bool]:
+    """Every figure measured in this process (matmul, scorer, gradient map, decode, bf16,
+    naive reference); and whether the machine has bf16 units (the pipeline is measured in
+    bf16 too then)."""
+    # every test-time transform is one more pass of the image (flips and turns: same FLOPs)
+    gflop = fl["total"] * scorer.transforms / 1e9
+    log("bench: timing fp32 matmul ...")
+    gemm = gemm_gflops(device=device)
+    imgs = _images(images, height, width, seed=0)
+    log("bench: timing the scorer ...")
+
+    def score_all() -> None:
+        for k in range(0, images, batch):
+            scorer.log_likelihood_grid(imgs[k : k + batch])
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    t_scorer = _best_time(score_all, 2)
+    gradient_figures: dict[str, Any] = {}
+    if heatmap == "gradient":
+        gradient_figures = _gradient_figures(scorer, imgs, batch, device, t_scorer, log)
+    log("bench: timing JPEG decoding ...")
+    decode_ms = _decode_ms(imgs)
+    lowp = bf16 and has_bf16_units(device)
+    bf16_figures: dict[str, Any] = {}
+    if lowp:
+        log("bench: timing bf16 matmul and the scorer in bf16 ...")
+        bf16_figures = _bf16_figures(scorer, imgs, batch, score_all, device)
+    roofline = gemm / gflop
+    naive_figures = _naive_figures(scorer, imgs[0], naive_rows, roofline, log)
+    out: dict[str, Any] = {
+        **_header_fields(scorer, fl, imgs, batch, device, gflop),
+        "gemm_gflops": round(gemm, 1),
+        "roofline_images_per_s": round(roofline, 2),
+        "scorer_images_per_s": round(images / t_scorer, 2),
+        "scorer_fraction_of_roofline": round(images / t_scorer / roofline, 3),
+        "heatmap": heatmap,
+        **gradient_figures,
+        "pipeline_images_per_s": None,
+        "pipeline_fraction_of_roofline": None,
+        **naive_figures,
+        "decode_ms_per_image": round(decode_ms, 2),
+        **bf16_figures,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "torch": str(torch.__version__),
+        "machine": platform.machine(),
+    }
+    return out, lowp
+
+
 def run_bench(
     *,
     preset: str = "grain-full",
@@ -402,122 +566,19 @@ def run_bench(
         from flowcore.gradient import check_gradient_support
 
         check_gradient_support(scorer)
-    cfg = scorer.featurizer.cfg
     fl = flops_per_image(scorer, height, width)
-    # every test-time transform is one more pass of the image (flips and turns: same FLOPs)
-    gflop = fl["total"] * scorer.transforms / 1e9
     log(
         f"bench: {preset if model is None else 'model'} on {device}, "
         f"{torch.get_num_threads()} threads, {images} images {height}×{width}"
     )
-    log("bench: timing fp32 matmul ...")
-    gemm = gemm_gflops(device=device)
-    imgs = _images(images, height, width, seed=0)
-    log("bench: timing the scorer ...")
-
-    def score_all() -> None:
-        for k in range(0, images, batch):
-            scorer.log_likelihood_grid(imgs[k : k + batch])
-        if device != "cpu":
-            torch.cuda.synchronize()
-
-    t_scorer = _best_time(score_all, 2)
-    gradient_figures: dict[str, Any] = {}
-    if heatmap == "gradient":
-        from flowcore.gradient import gradient_map
-
-        log("bench: timing the gradient map ...")
-
-        def gradient_all() -> None:
-            for k in range(0, images, batch):
-                gradient_map(scorer, imgs[k : k + batch])
-            if device != "cpu":
-                torch.cuda.synchronize()
-
-        t_grad = _best_time(gradient_all, 2)
-        gradient_figures = {
-            "gradient_map_images_per_s": round(images / t_grad, 2),
-            "scorer_gradient_images_per_s": round(images / (t_scorer + t_grad), 2),
-        }
-    log("bench: timing JPEG decoding ...")
-    decode_ms = _decode_ms(imgs)
-    lowp = bf16 and has_bf16_units(device)
-    bf16_figures: dict[str, Any] = {}
-    if lowp:
-        log("bench: timing bf16 matmul and the scorer in bf16 ...")
-        bf16_figures = _bf16_figures(scorer, imgs, batch, score_all, device)
-    naive: float | None = None  # images/s
-    gh = 0
-    if isinstance(scorer.featurizer, WindowFeaturizer):  # the research code had one scale
-        log("bench: timing the naive reference on a subset of rows ...")
-        t_rows, gh = naive_row_loop(scorer, imgs[0], naive_rows)
-        naive = 1.0 / (t_rows / min(naive_rows, gh) * gh)
-    gpu_name = torch.cuda.get_device_name() if device != "cpu" else platform.processor() or "cpu"
-    out: dict[str, Any] = {
-        "images": images,
-        "batch": batch,
-        "image_height": height,
-        "image_width": width,
-        "window": getattr(cfg, "window", None),
-        "stride": cfg.stride,
-        "scale": cfg.scale,
-        "components": cfg.features,
-        "grid": list(scorer.log_likelihood_grid(imgs[:1]).shape[1:]),
-        "windows_per_image": fl["windows"],
-        "flow": (
-            "none (distilled)"
-            if scorer.flow is None
-            else type(scorer.flow_config).__name__.removesuffix("Config").lower()
-        ),
-        "threads": torch.get_num_threads(),
-        "device": device if device == "cpu" else f"{device} ({gpu_name})",
-        "test_transforms": scorer.transforms,
-        "gflop_per_image": round(gflop, 4),
-        "gflop_projection": round(fl["projection"] / 1e9, 4),
-        "gflop_flow": round(fl["flow"] / 1e9, 4),
-        "gemm_gflops": round(gemm, 1),
-        "roofline_images_per_s": round(gemm / gflop, 2),
-        "scorer_images_per_s": round(images / t_scorer, 2),
-        "scorer_fraction_of_roofline": round(images / t_scorer / (gemm / gflop), 3),
-        "heatmap": heatmap,
-        **gradient_figures,
-        "pipeline_images_per_s": None,
-        "pipeline_fraction_of_roofline": None,
-        "naive_images_per_s": None if naive is None else round(naive, 3),
-        "naive_rows_timed": min(naive_rows, gh),
-        "naive_fraction_of_roofline": None if naive is None else round(naive / (gemm / gflop), 3),
-        "decode_ms_per_image": round(decode_ms, 2),
-        **bf16_figures,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch": str(torch.__version__),
-        "machine": platform.machine(),
-    }
+    out, lowp = _in_process(
+        scorer, fl, images, batch, height, width, device, naive_rows, bf16, heatmap, log
+    )
     if pipeline_images:
-
-        def pipeline(precision: str) -> dict[str, Any]:
-            return pipeline_bench(
-                scorer,
-                images=pipeline_images,
-                height=height,
-                width=width,
-                actors=actors,
-                threads=threads,
-                use_gpu=device != "cpu",
-                batch=batch,
-                ray_address=ray_address,
-                precision=precision,
-                heatmap=heatmap,
-                log=log,
-            )
-
-        p = pipeline("fp32")
-        out.update(p)
-        out["pipeline_fraction_of_roofline"] = round(
-            p["pipeline_images_per_s"] / out["roofline_images_per_s"], 3
-        )
-        if lowp:
-            log("bench: the pipeline again, featurizer in bf16 ...")
-            out["pipeline_bf16_images_per_s"] = pipeline("bf16")["pipeline_images_per_s"]
+        kw: dict[str, Any] = {"images": pipeline_images, "height": height, "width": width}
+        kw |= {"actors": actors, "batch": batch, "threads": threads}
+        kw |= {"ray_address": ray_address, "heatmap": heatmap}
+        _pipeline_figures(out, scorer, device, lowp, log, kw)
     if memory_images:
         out["memory"] = memory_bench(
             scorer, images=memory_images, height=height, width=width, actors=actors, log=log
@@ -579,6 +640,62 @@ def _bf16_figures(
     }
 
 
+def _pipeline_text(r: dict[str, Any]) -> str:
+    if r["pipeline_images_per_s"] is None:
+        return "not measured (--pipeline-images 0)"
+    return (
+        f"{r['pipeline_images_per_s']} "
+        f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
+        f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
+        f"actor(s); whole command {r['pipeline_command_images_per_s']})"
+    )
+
+
+def _naive_text(r: dict[str, Any]) -> str:
+    if r["naive_images_per_s"] is None:
+        return "not measured (the reference is the single-scale window sweep)"
+    return (
+        f"{r['naive_images_per_s']} ({100 * r['naive_fraction_of_roofline']:.0f} % of "
+        f"roofline, {r['naive_rows_timed']} rows timed and scaled)"
+    )
+
+
+def _bf16_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("bf16 matmul GFLOP/s", f"{r['gemm_bf16_gflops']}"),
+        (
+            "scorer bf16 images/s",
+            f"{r['scorer_bf16_images_per_s']} (|ΔLL| median {r['bf16_median_abs_dll']}, "
+            f"99th pct {r['bf16_p99_abs_dll']} nats; quality Spearman "
+            f"{r['bf16_quality_spearman']})",
+        ),
+        ("pipeline bf16 images/s", f"{r.get('pipeline_bf16_images_per_s', 'not measured')}"),
+    ]
+
+
+def _memory_rows(m: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not m:
+        return []
+    rows = [
+        (
+            f"score RSS, {m[label]['images']} images",
+            f"job {m[label]['job_peak_rss_mb']} MB (anonymous "
+            f"{m[label]['job_peak_anon_mb']} MB), all its processes (PSS) "
+            f"{m[label]['session_peak_pss_mb']} MB ({m[label]['seconds']} s)",
+        )
+        for label in ("small", "large")
+    ]
+    rows.append(
+        (
+            "RSS growth at 4× images",
+            f"job {100 * m['job_rss_growth']:+.1f} % (anonymous "
+            f"{100 * m['job_anon_growth']:+.1f} %), "
+            f"all processes {100 * m['session_pss_growth']:+.1f} %",
+        )
+    )
+    return rows
+
+
 def format_table(r: dict[str, Any]) -> str:
     rows = [
         (
@@ -617,54 +734,12 @@ def format_table(r: dict[str, Any]) -> str:
             if "gradient_map_images_per_s" in r
             else []
         ),
-        (
-            "pipeline images/s",
-            "not measured (--pipeline-images 0)"
-            if r["pipeline_images_per_s"] is None
-            else f"{r['pipeline_images_per_s']} "
-            f"({100 * r['pipeline_fraction_of_roofline']:.0f} % of roofline; "
-            f"{r['pipeline_images']} files to committed rows, {r['pipeline_actors']} "
-            f"actor(s); whole command {r['pipeline_command_images_per_s']})",
-        ),
-        (
-            "naive images/s",
-            "not measured (the reference is the single-scale window sweep)"
-            if r["naive_images_per_s"] is None
-            else f"{r['naive_images_per_s']} "
-            f"({100 * r['naive_fraction_of_roofline']:.0f} % of roofline, "
-            f"{r['naive_rows_timed']} rows timed and scaled)",
-        ),
+        ("pipeline images/s", _pipeline_text(r)),
+        ("naive images/s", _naive_text(r)),
         ("peak RSS MB", f"{r['peak_rss_mb']}"),
     ]
     if "gemm_bf16_gflops" in r:
-        rows[-1:-1] = [
-            ("bf16 matmul GFLOP/s", f"{r['gemm_bf16_gflops']}"),
-            (
-                "scorer bf16 images/s",
-                f"{r['scorer_bf16_images_per_s']} (|ΔLL| median {r['bf16_median_abs_dll']}, "
-                f"99th pct {r['bf16_p99_abs_dll']} nats; quality Spearman "
-                f"{r['bf16_quality_spearman']})",
-            ),
-            ("pipeline bf16 images/s", f"{r.get('pipeline_bf16_images_per_s', 'not measured')}"),
-        ]
-    m = r.get("memory")
-    if m:
-        for label in ("small", "large"):
-            rows.append(
-                (
-                    f"score RSS, {m[label]['images']} images",
-                    f"job {m[label]['job_peak_rss_mb']} MB (anonymous "
-                    f"{m[label]['job_peak_anon_mb']} MB), all its processes (PSS) "
-                    f"{m[label]['session_peak_pss_mb']} MB ({m[label]['seconds']} s)",
-                )
-            )
-        rows.append(
-            (
-                "RSS growth at 4× images",
-                f"job {100 * m['job_rss_growth']:+.1f} % (anonymous "
-                f"{100 * m['job_anon_growth']:+.1f} %), "
-                f"all processes {100 * m['session_pss_growth']:+.1f} %",
-            )
-        )
+        rows[-1:-1] = _bf16_rows(r)
+    rows += _memory_rows(r.get("memory"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
