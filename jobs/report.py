@@ -1226,7 +1226,8 @@ def _scored_sections(
             page.clip = _run_clip(con)
             page.clip_source = (
                 f"{CLIP_QUANTILES[0]:.1%} and {CLIP_QUANTILES[1]:.0%} quantiles of the "
-                f"run's window log-likelihoods (up to {CLIP_SAMPLE_IMAGES} images)"
+                f"run's {'heatmap values' if gradient else 'window log-likelihoods'} "
+                f"(up to {CLIP_SAMPLE_IMAGES} images)"
             )
     else:
         page.note(
