@@ -12,7 +12,7 @@ from jobs.tomlfile import toml_string
 @pytest.mark.parametrize(
     "path",
     [
-        '/work/a "quoted" dir/archive',
+        '/srv/a "quoted" dir/archive',
         "C:\\Users\\me\\archive",
         "tab\there\nnewline",
         "del\x7f\x01é",
