@@ -35,9 +35,12 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# unit tests only: no Ray, no servers, no fault injection (day-to-day; make test runs all)
+# unit tests only: no Ray, no servers, no fault injection (day-to-day; make test runs all);
+# in 2 workers: 565 tests took 114 s in one process and 71 s in two on this 2-core machine
+FAST_WORKERS ?= 2
+
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not ray and not s3 and not mlflow_server and not faults and not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(FAST_WORKERS) -m "not ray and not s3 and not mlflow_server and not faults and not slow and not gpu" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/flowscore demo $(DEMO_ARGS)

@@ -69,6 +69,7 @@ def test_synth_cli_refuses_bad_input_with_exit_2(tmp_path, capsys) -> None:
     assert e.value.code == 2
 
 
+@pytest.mark.slow  # a whole bench run: about 7 s
 def test_bench_json_has_design_fields_and_consistent_roofline(tmp_path) -> None:
     path = tmp_path / "bench.json"
     rc = main(

@@ -108,6 +108,7 @@ def test_a_trained_window_model_in_bf16_stays_within_the_gates(trained):
         scorer.set_precision("int8")
 
 
+@pytest.mark.slow  # the trained fixture fits a model: about 8 s
 def test_the_precision_check_applies_the_gates_and_restores_the_scorer(trained):
     scorer, imgs = trained
     ok = check_precision(scorer, imgs, "bf16")
@@ -121,6 +122,7 @@ def test_the_precision_check_applies_the_gates_and_restores_the_scorer(trained):
         check_precision(scorer, imgs, "fp32")
 
 
+@pytest.mark.slow  # the trained fixture fits a model: about 8 s
 def test_the_bundle_keeps_the_validated_precisions(trained, tmp_path):
     scorer, imgs = trained
     scorer.validated_precisions = ("fp32", "bf16")

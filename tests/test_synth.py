@@ -52,6 +52,7 @@ def _images_on_disk(root: Path) -> list[str]:
     )
 
 
+@pytest.mark.slow  # three archives per kind: about 10 s in all
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path: Path, kind: str) -> None:
     a = write_archive(tmp_path / "a", kind=kind, images=8, seed=7, anomaly_rate=0.25, **SMALL)
