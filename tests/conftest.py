@@ -35,6 +35,28 @@ from pipelines.settings import Settings  # noqa: E402
 os.environ.update(Settings.from_env().mlflow_http.env())
 
 
+#: a spec override (TOML) small enough that Ray Train fits it in seconds: the training tests'
+#: and the distillation test's teacher
+TINY_SPEC = """
+windows_per_image = 256
+basis_rows = 2000
+val_fraction = 0.2
+[featurizer]
+type = "windows"
+window = 5
+stride = 2
+scale = 0.5
+[flow]
+type = "maf"
+blocks = 2
+hidden = 48
+[fit]
+max_epochs = 3
+batch_size = 256
+lr = 0.005
+"""
+
+
 def texture(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
     """Smooth brownish random texture: normal images for the small tests."""
     rng = np.random.default_rng(seed)

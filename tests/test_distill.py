@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import texture
+from conftest import TINY_SPEC, texture
 
 from flowcore.bundle import BundleError, load_bundle, save_bundle
 from flowcore.distill import (
@@ -199,26 +199,6 @@ def test_config_is_validated():
             DistilledConfig(**bad)  # type: ignore[arg-type]
 
 
-TINY_TEACHER = """
-windows_per_image = 256
-basis_rows = 2000
-val_fraction = 0.2
-[featurizer]
-type = "windows"
-window = 5
-stride = 2
-scale = 0.5
-[flow]
-type = "maf"
-blocks = 2
-hidden = 48
-[fit]
-max_epochs = 3
-batch_size = 256
-lr = 0.005
-"""
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_distill_from_a_registered_model_then_evaluate_and_score(
@@ -236,7 +216,7 @@ def test_distill_from_a_registered_model_then_evaluate_and_score(
         archive, kind="harvest", images=16, seed=0, anomaly_rate=0.25, height=128, width=160
     )
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY_TEACHER)
+    cfg.write_text(TINY_SPEC)
     common = ["--archive", str(archive), "--skip-labelled-anomalies"]
     teacher_cmd = ["train", *common, "--name", "t", "--preset", "grain-quarter", "--config"]
     assert main([*teacher_cmd, str(cfg)]) == 0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_SPEC
 
 from flowcore.bundle import load_bundle
 from flowcore.fit import feature_rows, image_generator, spec_from_dict, split_holdout
@@ -21,25 +22,6 @@ from pipelines.archive import decode_image, list_archive, read_bytes
 from pipelines.synth import write_archive
 
 pytestmark = [pytest.mark.timeout(600)]
-
-TINY = """
-windows_per_image = 256
-basis_rows = 2000
-val_fraction = 0.2
-[featurizer]
-type = "windows"
-window = 5
-stride = 2
-scale = 0.5
-[flow]
-type = "maf"
-blocks = 2
-hidden = 48
-[fit]
-max_epochs = 3
-batch_size = 256
-lr = 0.005
-"""
 
 
 def _archive(root: Path, images: int = 16, seed: int = 0) -> Path:
@@ -52,7 +34,7 @@ def _archive(root: Path, images: int = 16, seed: int = 0) -> Path:
 
 def _config(root: Path, extra: str = "") -> Path:
     p = root / "tiny.toml"
-    p.write_text(TINY + extra)
+    p.write_text(TINY_SPEC + extra)
     return p
 
 
@@ -161,7 +143,7 @@ def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     # the second version also trains on synthetic anomalies through Ray Train (rows labelled
     # by the data tasks, the hinge in the workers) and picks its image statistic on them
     cfg = root / "synthetic.toml"
-    cfg.write_text('image_statistic = "auto"\n' + TINY + "synthetic_anomalies = true\n")
+    cfg.write_text('image_statistic = "auto"\n' + TINY_SPEC + "synthetic_anomalies = true\n")
     assert _train(str(archive), "grain-test", cfg, "--no-promote", "--max-epochs", "2") == 0
     assert tracking.resolve_model("models:/grain-test@champion").version == "1"
     second = tracking.resolve_model("models:/grain-test/2")
