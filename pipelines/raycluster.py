@@ -17,7 +17,7 @@ import math
 import os
 import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +34,11 @@ __all__ = [
 LOOPBACK = "127.0.0.1"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
 _AUTH_TOKEN_ENVS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+# tries to start the embedded Ray: its raylet has a fixed 30 s to register, which a busy
+# machine (a test suite in three workers on two cores) was seen to miss
+LOCAL_START_ATTEMPTS = 3
+_log = logging.getLogger("flowscore.ray")
 
 # CPUs kept free for Ray Data's read/decode tasks on a CPU-only cluster
 DATA_CPU_RESERVE = 1.0
@@ -130,8 +135,12 @@ def _start_local_ray(init: dict[str, object]) -> None:
     import ray
 
     _enable_local_token_auth()
-    with _cluster_mode_off():
-        ray.init(**init, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)  # type: ignore[arg-type]
+
+    def start() -> None:
+        with _cluster_mode_off():
+            ray.init(**init, _node_ip_address=LOOPBACK, dashboard_host=LOOPBACK)  # type: ignore[arg-type]
+
+    start_with_retries(start, ray.shutdown)
     node = getattr(ray._private.worker, "_global_node", None)
     ip = getattr(node, "node_ip_address", None)
     if ip != LOOPBACK:
@@ -141,6 +150,34 @@ def _start_local_ray(init: dict[str, object]) -> None:
             "services reachable from the network (this Ray version binds differently: see "
             "pipelines/raycluster.py)"
         )
+
+
+def start_with_retries(
+    start: Callable[[], None], stop: Callable[[], None], attempts: int = LOCAL_START_ATTEMPTS
+) -> None:
+    """``start()``, again after ``stop()`` when it fails with Ray's startup timeout, at most
+    ``attempts`` times; any other error, or the last timeout, is raised as it is."""
+    for attempt in range(1, attempts + 1):
+        try:
+            start()
+            return
+        except Exception as e:
+            if not _is_startup_timeout(e) or attempt == attempts:
+                raise
+            stop()  # ends what did start (the GCS, a slow raylet) before the next try
+            _log.warning(
+                "the local Ray did not start in time (attempt %d of %d; is the machine "
+                "busy?): starting it again",
+                attempt,
+                attempts,
+            )
+
+
+def _is_startup_timeout(e: BaseException) -> bool:
+    """Ray's own "node timed out during startup" (its raylet must register with the GCS
+    within a fixed 30 s, which a machine busy with other work can miss): worth a retry.
+    Ray raises it as a bare ``Exception``, so the message is the only mark."""
+    return type(e) is Exception and "timed out during startup" in str(e)
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pipelines.raycluster import DATA_CPU_RESERVE, plan_workers
+from pipelines.raycluster import DATA_CPU_RESERVE, plan_workers, start_with_retries
 
 
 def _placeable(share: float, nodes: list[float], workers: int) -> list[float]:
@@ -54,3 +54,47 @@ def test_too_many_workers_is_one_clear_error():
 def test_gpu_workers_take_a_gpu_and_a_cpu():
     plan = plan_workers(2, True, [8.0, 8.0])
     assert plan.use_gpu and plan.cpus_per_worker == 1.0 and plan.threads_per_worker == 7
+
+
+# --------------------------------------------------- starting the embedded Ray on a busy machine
+_TIMEOUT = (
+    "The current node timed out during startup. This could happen because some of the raylet "
+    "failed to startup or the GCS has become overloaded."
+)  # Ray 2.60's words (ray/_private/node.py), raised as a bare Exception
+
+
+class _Starts:
+    """A start that fails with the given errors first, then succeeds; counts the stops."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors, self.calls, self.stops = list(errors), 0, 0
+
+    def start(self) -> None:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+    def stop(self) -> None:
+        self.stops += 1
+
+
+def test_a_startup_timeout_is_retried_after_a_shutdown(caplog):
+    s = _Starts(Exception(_TIMEOUT), Exception(_TIMEOUT))
+    start_with_retries(s.start, s.stop, attempts=3)
+    assert (s.calls, s.stops) == (3, 2)
+    assert "did not start in time (attempt 2 of 3" in caplog.text
+
+
+def test_the_last_startup_timeout_and_any_other_error_are_raised_at_once():
+    s = _Starts(*[Exception(_TIMEOUT)] * 3)
+    with pytest.raises(Exception, match="timed out during startup"):
+        start_with_retries(s.start, s.stop, attempts=3)
+    assert (s.calls, s.stops) == (3, 2)
+    other = _Starts(RuntimeError("port taken"), Exception("something else"))
+    with pytest.raises(RuntimeError, match="port taken"):
+        start_with_retries(other.start, other.stop, attempts=3)
+    assert (other.calls, other.stops) == (1, 0)
+    other = _Starts(Exception("something else"))
+    with pytest.raises(Exception, match="something else"):
+        start_with_retries(other.start, other.stop, attempts=3)
+    assert other.calls == 1
