@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -29,6 +29,8 @@ __all__ = [
     "S3Settings",
     "Settings",
     "current",
+    "scratch_env",
+    "STORE_ENV",
     "env_number",
     "HOME_ENV",
     "CATALOG_URI_ENV",
@@ -247,6 +249,32 @@ class Settings:
             mlflow_http=MlflowHttp.from_env(env),
             maintain_fault=text("FLOWSCORE_FAULT_MAINTAIN") or "",
         )
+
+    def scratch(self, home: Path) -> Settings:
+        """These settings with every store under ``home``: its own catalog, warehouse and
+        MLflow store, as an unset environment would give (a bench's throw-away space; never
+        the user's tables or registry)."""
+        fresh = Settings.from_env({HOME_ENV: str(home)})
+        return replace(
+            self,
+            home=fresh.home,
+            catalog_uri=fresh.catalog_uri,
+            warehouse=fresh.warehouse,
+            mlflow_uri=fresh.mlflow_uri,
+        )
+
+
+#: the variables that point a process at a catalog, warehouse or MLflow store of its own
+STORE_ENV = (CATALOG_URI_ENV, WAREHOUSE_ENV, MLFLOW_URI_ENV)
+
+
+def scratch_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a child process whose stores all live under ``home``
+    (``FLOWSCORE_HOME``; the store variables dropped) and that starts a Ray of its own
+    (``RAY_ADDRESS`` dropped), plus ``extra``: how a bench runs a job in a throw-away space."""
+    env = {k: v for k, v in os.environ.items() if k not in (*STORE_ENV, "RAY_ADDRESS")}
+    env.update({HOME_ENV: str(home)}, **extra)
+    return env
 
 
 def current() -> Settings:

@@ -303,11 +303,17 @@ def _path_segment(text: str) -> str:
     return seg
 
 
-def ensure_experiment(c: MlflowClient, name: str, *, artifact_location: str | None = None) -> str:
+def ensure_experiment(
+    c: MlflowClient,
+    name: str,
+    *,
+    artifact_location: str | None = None,
+    settings: Settings | None = None,
+) -> str:
     """Return the id of experiment ``name``, creating it if missing (restoring it if deleted).
 
     A new experiment in a non-server store (SQLite, a database URL, a local directory) gets the
-    absolute artifact location ``(flowscore_home()/"mlartifacts"/name).as_uri()`` (each
+    absolute artifact location ``(flowscore_home(settings)/"mlartifacts"/name).as_uri()`` (each
     ``/``-separated part of ``name`` made a safe path component, so ``flowscore-train/grain``
     becomes ``mlartifacts/flowscore-train/grain``), unless ``artifact_location`` is given.
     On an ``http(s)`` server the server chooses (proxied artifacts). Losing a creation race
@@ -325,7 +331,7 @@ def ensure_experiment(c: MlflowClient, name: str, *, artifact_location: str | No
         location = artifact_location
         if location is None and not _is_server(uri):
             parts = [_path_segment(part) for part in name.split("/") if part] or ["_"]
-            location = flowscore_home().joinpath("mlartifacts", *parts).as_uri()
+            location = flowscore_home(settings).joinpath("mlartifacts", *parts).as_uri()
         try:
             return str(c.create_experiment(name, artifact_location=location))
         except MlflowException as exc:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.getcwd())
 from flowcore.flops import flops_per_image  # noqa: E402
 from flowcore.windows import to_tensor  # noqa: E402
-from jobs.bench import _images, gemm_gflops, random_scorer  # noqa: E402
+from pipelines.usecases.bench import _images, gemm_gflops, random_scorer  # noqa: E402
 
 DEV = "cuda"
 

@@ -60,3 +60,37 @@ def test_a_bad_variable_stops_any_command_before_it_runs(name, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert name in err and "Traceback" not in err
     assert not (tmp_path / "home").exists()  # nothing ran
+
+
+def test_a_scratch_copy_moves_every_store_and_keeps_the_rest(tmp_path, monkeypatch):
+    """A bench's throw-away space: its catalog, warehouse and MLflow store are under the
+    scratch home even where the user's environment names other stores; S3 and limits stay."""
+    user = Settings.from_env(
+        {
+            "FLOWSCORE_HOME": str(tmp_path / "user"),
+            "FLOWSCORE_CATALOG_URI": "postgresql://db/cat",
+            "FLOWSCORE_WAREHOUSE": "s3://bucket/wh",
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "FLOWSCORE_LOCK_LEASE_S": "30",
+        }
+    )
+    s = user.scratch(tmp_path / "scratch")
+    home = tmp_path / "scratch"
+    assert s.home == home
+    assert s.catalog_uri == f"sqlite:///{home}/catalog.db"
+    assert s.warehouse == f"file://{home}/warehouse"
+    assert s.mlflow_uri == f"sqlite:///{home.as_posix()}/mlflow.db"
+    assert (s.s3_endpoint, s.lock_lease_s) == ("http://127.0.0.1:9000", 30.0)
+
+    from pipelines.settings import scratch_env
+
+    monkeypatch.setenv("FLOWSCORE_WAREHOUSE", "s3://bucket/wh")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://a:1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    env = scratch_env(home, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    assert Settings.from_env(env).warehouse == f"file://{home}/warehouse"
+    assert Settings.from_env(env).mlflow_uri == s.mlflow_uri
+    assert "RAY_ADDRESS" not in env and env["AWS_REGION"] == "eu-west-1"
+    assert env["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"

@@ -181,7 +181,8 @@ def _table_options(b: argparse.ArgumentParser) -> None:
 
 def _run_tables(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     """``bench --tables N``."""
-    from jobs.bench_tables import format_table_bench, run_table_bench
+    from jobs.bench import format_table_bench
+    from pipelines.usecases.bench_tables import run_table_bench
 
     if args.commits > args.tables:
         raise UsageError(f"--commits ({args.commits}) must not exceed --tables ({args.tables})")
@@ -190,6 +191,7 @@ def _run_tables(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         commits=args.commits,
         cells=args.heatmap_cells,
         workdir=args.workdir,
+        settings=args.settings,
         log=log,
     )
     print(format_table_bench(result))
@@ -204,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from jobs.bench import format_table, run_bench
+    from jobs.bench import format_table
+    from pipelines.usecases.bench import run_bench
 
     device = "cpu"
     if args.use_gpu:
@@ -239,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
             bf16=not args.no_bf16,
             transforms=args.test_transforms,
             heatmap=args.heatmap,
+            settings=args.settings,
             log=log,
         )
     except GradientMapError as e:

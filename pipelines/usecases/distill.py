@@ -100,7 +100,9 @@ def run_distill(req: TrainRequest, log: Log) -> TrainOutcome:
             f"held-out {row['val_loss']:.4f}"
         )
 
-    experiment = tracking.ensure_experiment(client, EXPERIMENT_PREFIX + req.name)
+    experiment = tracking.ensure_experiment(
+        client, EXPERIMENT_PREFIX + req.name, settings=req.settings
+    )
     run = client.create_run(
         experiment,
         run_name=f"{req.name}-distilled",

@@ -340,7 +340,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         Path(req.out_dir)
         if req.out_dir
         else (
-            flowscore_home()
+            flowscore_home(req.settings)
             / "evaluate"
             / f"{resolved.name or 'bundle'}-{resolved.version or 'local'}"
         )
@@ -359,7 +359,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
 
     if req.log_mlflow:
         mlf = tracking.client(settings=req.settings)
-        exp = tracking.ensure_experiment(mlf, EXPERIMENT)
+        exp = tracking.ensure_experiment(mlf, EXPERIMENT, settings=req.settings)
         tags = {"flowscore.job": "evaluate", "flowscore.model_uri": req.model}
         if resolved.name:
             tags |= {

@@ -389,10 +389,10 @@ def _mlflow_start(
     (they go into the run's ``runs`` row, whose ``mlflow_run_id`` stays null)."""
     from pipelines import tracking
 
-    uri = redact(tracking.tracking_uri())
+    uri = redact(tracking.tracking_uri(req.settings))
     try:
         c = tracking.client(settings=req.settings)
-        exp = tracking.ensure_experiment(c, EXPERIMENT)
+        exp = tracking.ensure_experiment(c, EXPERIMENT, settings=req.settings)
         run = c.create_run(
             exp,
             run_name=f"{req.job}-{run_id[:8]}",

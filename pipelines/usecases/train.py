@@ -303,7 +303,9 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
         storage = req.storage_path or str(job_dir / "ray")
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         run_name = f"{req.name}-{stamp}-{uuid.uuid4().hex[:6]}"
-        experiment = tracking.ensure_experiment(client, EXPERIMENT_PREFIX + req.name)
+        experiment = tracking.ensure_experiment(
+            client, EXPERIMENT_PREFIX + req.name, settings=req.settings
+        )
         run = client.create_run(
             experiment,
             run_name=run_name,

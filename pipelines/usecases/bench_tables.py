@@ -43,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.log import Log
+from pipelines.settings import Settings, current, scratch_env
 
-__all__ = ["run_table_bench", "format_table_bench", "QUERIES"]
+__all__ = ["run_table_bench", "QUERIES"]
 
 VERSION = "1"
 PATH_COLUMNS = ["year", "camera"]
@@ -181,11 +182,11 @@ def _run_row(night: int, n: int) -> pa.Table:
     return pa.Table.from_pylist([row], schema=tables.RUNS_SCHEMA)
 
 
-def fill(rows: int, commits: int, cells: int, log: Log) -> dict[str, Any]:
-    """Fill the catalog of the current ``FLOWSCORE_HOME``; one commit per night per table."""
+def fill(rows: int, commits: int, cells: int, log: Log, settings: Settings) -> dict[str, Any]:
+    """Fill the catalog of ``settings``; one commit per night per table."""
     from pipelines import tables
 
-    cat = tables.load_catalog_()
+    cat = tables.load_catalog_(settings)
     tables.ensure_tables(cat, PATH_COLUMNS)
     handles = {t: cat.load_table(tables.qualified(t)) for t in tables.TABLES}
     schemas = {t: tables._with_field_ids(h) for t, h in handles.items()}
@@ -236,15 +237,15 @@ def _step(step: str, rows: int, commits: int, cells: int, extra_night: int) -> d
     base = _current_rss_mb()
     out: dict[str, Any] = {"base_mb": round(base)}
     if step == "query":
-        import io
+        from pipelines.sql import check_read_only, connect
 
-        from jobs.query import run_query
-
-        for name, sql in QUERIES.items():
+        for name, sql in QUERIES.items():  # what `flowscore query` does, less the printing
             t0 = time.perf_counter()
-            sink, err = io.StringIO(), io.StringIO()
-            if run_query(sql, "csv", out=sink, err=err) != 0:
-                raise RuntimeError(f"bench query failed: {err.getvalue()}")
+            check_read_only(sql)
+            with tempfile.TemporaryDirectory(prefix="flowscore-query-") as spill:
+                con = connect(temp_dir=spill)
+                con.sql(sql).fetch_arrow_table()
+                con.close()
             out[f"{name} s"] = round(time.perf_counter() - t0, 2)
         out["rss_mb"] = round(_rss_mb())
         return out
@@ -278,10 +279,8 @@ def _step(step: str, rows: int, commits: int, cells: int, extra_night: int) -> d
 
 
 def _child(home: Path, step: str, args: list[str]) -> dict[str, Any]:
-    env = dict(os.environ, FLOWSCORE_HOME=str(home), RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    for k in ("FLOWSCORE_CATALOG_URI", "FLOWSCORE_WAREHOUSE"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "jobs.bench_tables", step, *args]
+    env = scratch_env(home, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    cmd = [sys.executable, "-m", "pipelines.usecases.bench_tables", step, *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench step {step} failed:\n{done.stderr[-3000:]}")
@@ -289,11 +288,10 @@ def _child(home: Path, step: str, args: list[str]) -> dict[str, Any]:
     return figures
 
 
-def _table_shape(home: Path) -> dict[str, Any]:
+def _table_shape(settings: Settings) -> dict[str, Any]:
     from pipelines import tables
 
-    os.environ["FLOWSCORE_HOME"] = str(home)
-    tbl = tables.load_catalog_().load_table(tables.qualified(tables.IMAGE_SCORES))
+    tbl = tables.load_catalog_(settings).load_table(tables.qualified(tables.IMAGE_SCORES))
     files = [t.file for t in tbl.scan().plan_files()]
     return {
         "data_files": len(files),
@@ -322,6 +320,7 @@ def run_table_bench(
     commits: int = 365,
     cells: int = 300,
     workdir: str | None = None,
+    settings: Settings | None = None,
     log: Log,
 ) -> dict[str, Any]:
     """Fill (unless ``workdir`` already holds a filled catalog of this size), measure, maintain,
@@ -335,80 +334,38 @@ def run_table_bench(
     result: dict[str, Any] = {"rows": rows, "commits": commits, "heatmap_cells": cells}
     with _workdir(workdir) as root:
         home = root / f"home-{rows}-{commits}-{cells}"
-        saved = os.environ.get("FLOWSCORE_HOME")
-        try:
-            if not (home / "filled").exists():
-                shutil.rmtree(home, ignore_errors=True)
-                os.environ["FLOWSCORE_HOME"] = str(home)
-                log(f"bench: filling a scratch catalog with {rows:,} rows in {commits} commits")
-                result.update(fill(rows, commits, cells, log))
-                (home / "filled").write_text("")
-            for phase in ("before", "after"):
-                if phase == "after":
-                    os.environ["FLOWSCORE_HOME"] = str(home)
-                    log("bench: flowscore maintain (keeping the last 30 snapshots)")
-                    t0 = time.perf_counter()
-                    maintain_tables(
-                        ["image_scores", "scoring_errors", "runs"],
-                        MaintainPolicy(retain_s=0, keep_last=30),
-                        log,
-                        check=lambda: None,
-                    )
-                    result["maintain_s"] = round(time.perf_counter() - t0, 1)
-                result[f"shape_{phase}"] = _table_shape(home)
-                night = commits + (0 if phase == "before" else 1)
-                for step in ("idle", "new", "query"):
-                    log(f"bench: {step} ({phase} maintain) ...")
-                    figures = _child(home, step, [*args, "--night", str(night)])
-                    result[f"{step}_{phase}"] = figures
-                    log(f"bench: {step} ({phase}): {figures}")
-        finally:
-            if saved is None:
-                os.environ.pop("FLOWSCORE_HOME", None)
-            else:
-                os.environ["FLOWSCORE_HOME"] = saved
+        scratch = (settings or current()).scratch(home)
+        if not (home / "filled").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            log(f"bench: filling a scratch catalog with {rows:,} rows in {commits} commits")
+            result.update(fill(rows, commits, cells, log, scratch))
+            (home / "filled").write_text("")
+        for phase in ("before", "after"):
+            if phase == "after":
+                log("bench: flowscore maintain (keeping the last 30 snapshots)")
+                t0 = time.perf_counter()
+                maintain_tables(
+                    ["image_scores", "scoring_errors", "runs"],
+                    MaintainPolicy(retain_s=0, keep_last=30),
+                    log,
+                    check=lambda: None,
+                    settings=scratch,
+                )
+                result["maintain_s"] = round(time.perf_counter() - t0, 1)
+            result[f"shape_{phase}"] = _table_shape(scratch)
+            night = commits + (0 if phase == "before" else 1)
+            for step in ("idle", "new", "query"):
+                log(f"bench: {step} ({phase} maintain) ...")
+                figures = _child(home, step, [*args, "--night", str(night)])
+                result[f"{step}_{phase}"] = figures
+                log(f"bench: {step} ({phase}): {figures}")
     return result
-
-
-def format_table_bench(r: dict[str, Any]) -> str:
-    lines = [
-        f"tables: {r['rows']:,} rows of image_scores in {r['commits']} commits, "
-        f"heatmaps of {r['heatmap_cells']} cells"
-        + (f"; filled in {r['fill_s']} s" if "fill_s" in r else ""),
-        "| step | before maintain | after maintain |",
-        "|---|---|---|",
-    ]
-    b, a = r["shape_before"], r["shape_after"]
-    lines.append(
-        f"| image_scores files / snapshots / GB | {b['data_files']} / {b['snapshots']} / "
-        f"{b['data_gb']} | {a['data_files']} / {a['snapshots']} / {a['data_gb']} |"
-    )
-
-    def cell(step: str, phase: str) -> str:
-        f = r[f"{step}_{phase}"]
-        if step == "query":
-            times = ", ".join(f"{f[k + ' s']} s" for k in QUERIES)
-            return f"{times}; {f['rss_mb']} MB"
-        text = f"diff {f['diff_s']} s"
-        if "commit_s" in f:
-            text += f" + {f['commits']} commits {f['commit_s']} s"
-        return f"{text}; {f['rss_mb']} MB (listing {f['listing_mb']} MB)"
-
-    names = {
-        "idle": "nightly run, nothing new",
-        "new": "nightly run, 1 % new",
-        "query": "queries: " + " / ".join(QUERIES),
-    }
-    for step, name in names.items():
-        lines.append(f"| {name} | {cell(step, 'before')} | {cell(step, 'after')} |")
-    lines.append(f"maintain took {r['maintain_s']} s")
-    return "\n".join(lines)
 
 
 def _main(argv: list[str]) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m jobs.bench_tables")
+    p = argparse.ArgumentParser(prog="python -m pipelines.usecases.bench_tables")
     p.add_argument("step", choices=["idle", "new", "query"])
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--commits", type=int, required=True)
