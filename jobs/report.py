@@ -64,6 +64,31 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipelines.log import Log
+from pipelines.report_data import (
+    CLIP_QUANTILES,
+    CLIP_SAMPLE_IMAGES,
+    MAX_GROUPS,
+    ReportUsageError,
+    Run,
+    arrow_table,
+    choose_period,
+    choose_run,
+    daily_counts,
+    distinct_values,
+    error_groups,
+    fmt_day,
+    fmt_ts,
+    has_gradient_maps,
+    heatmaps,
+    main_model,
+    numpy_column,
+    path_columns,
+    path_totals,
+    registry_clip,
+    run_clip,
+    select_columns,
+    top_rows,
+)
 
 if TYPE_CHECKING:
     import duckdb
@@ -80,39 +105,16 @@ IMAGES_DIR = "images"  # subdirectory of the report directory holding the PNGs
 PANEL_MAX = 480  # longest side (pixels) of one panel of an overlay picture
 QUALITY_BINS = 5
 PICKS_PER_BIN = 3
-CLIP_SAMPLE_IMAGES = 500  # images whose windows give the fallback heatmap clip
-CLIP_QUANTILES = (0.001, 0.05)
-MAX_GROUPS = 30  # values per path column in the box plots
 MAX_SCATTER = 20_000  # points in the trend scatter (the median line uses all)
-RECENT_RUNS = 10  # runs listed in a usage error
-ERROR_EXAMPLES = 3
 MESSAGE_CHARS = 300
-
-
-class ReportUsageError(ValueError):
-    """Bad input for a report: empty tables, an unknown run id, a run with no rows. The
-    message says what and lists the recent runs."""
 
 
 # ---------------------------------------------------------------- small helpers
 
 
-def _q(name: str) -> str:
-    """A quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _e(value: Any) -> str:
     """HTML-escaped text of a value ("–" for None)."""
     return html.escape("–" if value is None else str(value), quote=True)
-
-
-def _fmt_ts(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
-    return str(value)
 
 
 def _fmt_num(value: Any, digits: int = 4) -> str:
@@ -123,10 +125,6 @@ def _fmt_num(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
     return str(value)
-
-
-def _fmt_day(value: dt.datetime) -> str:
-    return f"{value:%Y-%m-%d %H:%M}" if (value.hour or value.minute) else f"{value:%Y-%m-%d}"
 
 
 def _short_name(uri: str) -> str:
@@ -140,39 +138,10 @@ def _natural_key(text: str) -> tuple[Any, ...]:
 
 
 @dataclass
-class _Period:
-    """The runs of one job in a period (``--job NAME --since 30d``)."""
-
-    job: str
-    start: dt.datetime
-    end: dt.datetime
-    runs: list[dict[str, Any]]  # their ``runs`` rows, oldest first
-
-
-@dataclass
-class _Run:
-    """What the page is about: one run, or every run of a job in a period. The rows in
-    scope are the DuckDB views ``scope_scores`` and ``scope_errors`` (:func:`_set_scope`)."""
-
-    run_id: str  # the run; empty for a period
-    info: dict[str, Any] | None  # its ``runs`` row, None when it has none (or a period)
-    rows: int  # rows in scope in image_scores
-    errors: int  # rows in scope in scoring_errors
-    period: _Period | None = None
-
-    @property
-    def title(self) -> str:
-        if self.period is None:
-            return f"run {self.run_id}"
-        p = self.period
-        return f"job {p.job}, {_fmt_day(p.start)} to {_fmt_day(p.end)}"
-
-
-@dataclass
 class _Page:
     """What the HTML is built from."""
 
-    run: _Run
+    run: Run
     path_columns: list[str]
     notes: dict[str, list[str]] = field(default_factory=dict)
     worst: list[dict[str, Any]] = field(default_factory=list)
@@ -193,230 +162,10 @@ class _Page:
 # ---------------------------------------------------------------- choosing the run
 
 
-def _recent_runs(con: duckdb.DuckDBPyConnection) -> str:
-    """The most recent runs with their row counts, as one line for a usage error."""
-    rows = con.execute(
-        f"""
-        with s as (select run_id, count(*) as n from image_scores group by run_id),
-             r as (select run_id, started_at, status from runs
-                   union all
-                   select run_id, null, null from s where run_id not in (select run_id
-                   from runs where run_id is not null))
-        select r.run_id, r.started_at, r.status, coalesce(s.n, 0)
-        from r left join s using (run_id)
-        order by r.started_at desc nulls last, r.run_id
-        limit {RECENT_RUNS}
-        """
-    ).fetchall()
-    if not rows:
-        return "the tables hold no runs yet; score an archive first (`flowscore score ...`)"
-    parts = [
-        f"{rid} ({_fmt_ts(started)}, {status or 'no runs row'}, {n} rows)"
-        for rid, started, status, n in rows
-    ]
-    return "recent runs: " + "; ".join(parts)
-
-
-def _run_info(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
-    res = con.execute("select * from runs where run_id = ? limit 1", [run_id])
-    names = [d[0] for d in res.description]
-    row = res.fetchone()
-    return dict(zip(names, row, strict=True)) if row else None
-
-
-def _set_scope(con: duckdb.DuckDBPyConnection, run_ids: Sequence[str]) -> tuple[int, int]:
-    """Views ``scope_scores`` / ``scope_errors``: the rows of these runs; their counts."""
-    con.execute("create or replace temp table _scope_runs (run_id varchar)")
-    if run_ids:
-        con.executemany("insert into _scope_runs values (?)", [[r] for r in run_ids])
-    for view, table in (("scope_scores", "image_scores"), ("scope_errors", "scoring_errors")):
-        con.execute(
-            f"create or replace temp view {view} as select * from {table} "
-            "where run_id in (select run_id from _scope_runs)"
-        )
-    (rows,) = con.execute("select count(*) from scope_scores").fetchone() or (0,)
-    (errors,) = con.execute("select count(*) from scope_errors").fetchone() or (0,)
-    return int(rows), int(errors)
-
-
-def _jobs_line(con: duckdb.DuckDBPyConnection) -> str:
-    rows = con.execute(
-        "select job, count(*), max(started_at) from runs where job is not null "
-        "group by job order by 3 desc nulls last limit 10"
-    ).fetchall()
-    if not rows:
-        return "the runs table names no job yet (flowscore run JOB.toml writes them)"
-    return "jobs: " + "; ".join(f"{j} ({n} runs, last {_fmt_ts(t)})" for j, n, t in rows)
-
-
-def _choose_period(
-    con: duckdb.DuckDBPyConnection, job: str, start: dt.datetime, end: dt.datetime
-) -> _Run:
-    res = con.execute(
-        "select * from runs where job = ? and started_at >= ? and started_at < ? "
-        "order by started_at, run_id",
-        [job, start, end],
-    )
-    runs = _dicts(res)
-    if not runs:
-        raise ReportUsageError(
-            f"job {job!r} has no runs between {_fmt_day(start)} and {_fmt_day(end)} (UTC); "
-            f"{_jobs_line(con)}"
-        )
-    rows, errors = _set_scope(con, [str(r["run_id"]) for r in runs])
-    period = _Period(job, start, end, runs)
-    return _Run(run_id="", info=None, rows=rows, errors=errors, period=period)
-
-
-def _choose_run(con: duckdb.DuckDBPyConnection, run_id: str | None) -> _Run:
-    if run_id is not None:
-        run_id = run_id.strip()
-        if not run_id:
-            raise ReportUsageError(f"--run is empty; {_recent_runs(con)}")
-    else:
-        found = con.execute(
-            """
-            select r.run_id from runs r
-            where exists (select 1 from image_scores s where s.run_id = r.run_id)
-            order by r.started_at desc nulls last, r.run_id desc limit 1
-            """
-        ).fetchone()
-        if found is None:  # rows written without a runs row: the latest scored
-            found = con.execute(
-                "select run_id from image_scores where run_id is not null "
-                "group by run_id order by max(scored_at) desc nulls last limit 1"
-            ).fetchone()
-        if found is None:
-            raise ReportUsageError(
-                "no scored images in the tables; score an archive first "
-                f"(`flowscore score --archive URI --model URI`); {_recent_runs(con)}"
-            )
-        run_id = str(found[0])
-    info = _run_info(con, run_id)
-    rows, errors = _set_scope(con, [run_id])
-    if info is None and rows == 0 and errors == 0:
-        raise ReportUsageError(f"unknown run id {run_id!r}; {_recent_runs(con)}")
-    if rows == 0 and errors == 0:
-        raise ReportUsageError(
-            f"run {run_id!r} has no rows left in image_scores or scoring_errors (a later run "
-            f"may have rescored its images); {_recent_runs(con)}"
-        )
-    return _Run(run_id=run_id, info=info, rows=rows, errors=errors)
-
-
 # ---------------------------------------------------------------- data
 
 
-def _path_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Columns of ``image_scores`` that are not DESIGN's fixed columns, in table order."""
-    from pipelines.tables import IMAGE_SCORES_FIXED_HEAD, IMAGE_SCORES_FIXED_TAIL
-
-    fixed = {f.name for f in (*IMAGE_SCORES_FIXED_HEAD, *IMAGE_SCORES_FIXED_TAIL)}
-    names = [r[0] for r in con.execute("describe image_scores").fetchall()]
-    return [n for n in names if n not in fixed]
-
-
-_ROW_COLUMNS = (
-    "image_uri etag captured_at width height model_name model_version grid_h grid_w window "
-    "stride scale quality anomaly_score is_anomaly"
-).split()
-
-
-def _select(path_columns: Sequence[str], heatmap: bool) -> str:
-    cols = [_q(c) for c in (*_ROW_COLUMNS[:3], *path_columns, *_ROW_COLUMNS[3:])]
-    cols.append("heatmap" if heatmap else "heatmap is not null as __has_heatmap")
-    return ", ".join(cols)
-
-
-def _dicts(res: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    names = [d[0] for d in res.description]
-    return [dict(zip(names, r, strict=True)) for r in res.fetchall()]
-
-
-def _arrow_table(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any]) -> pa.Table:
-    """The result of ``sql`` as an Arrow table (DuckDB 2.x ``to_arrow_table``, 1.x
-    ``arrow``), through a relation: no extra copy of the rows."""
-    rel = con.sql(sql, params=params)
-    fn = getattr(rel, "to_arrow_table", None) or rel.arrow
-    return fn()
-
-
-def _numpy(table: pa.Table, name: str, dtype: Any = float) -> np.ndarray:
-    col = table.column(name)
-    if dtype is float:
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=float)
-    return np.asarray(col.to_numpy(zero_copy_only=False))
-
-
-def _heatmaps(
-    con: duckdb.DuckDBPyConnection, keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], list[float] | None]:
-    if not keys:
-        return {}
-    uris = sorted({u for u, _ in keys})
-    res = con.execute(
-        "select image_uri, etag, heatmap from scope_scores where list_contains(?, image_uri)",
-        [uris],
-    ).fetchall()
-    want = set(keys)
-    return {(u, e): h for u, e, h in res if (u, e) in want}
-
-
 # ---------------------------------------------------------------- heatmap clip
-
-
-def _registry_clip(
-    model_name: str, model_version: str, log: Log, settings: Settings | None = None
-) -> tuple[float, float] | None:
-    """The model's ``heatmap_clip`` from the registry, or None (never raises)."""
-    if not model_name or not model_version or model_version.startswith("sha-"):
-        return None  # a local bundle: not in the registry
-    uri = f"models:/{model_name}/{model_version}"
-    try:
-        from flowcore.bundle import read_meta
-        from pipelines.tracking import resolve_model
-
-        clip = read_meta(resolve_model(uri, settings=settings).path).get("heatmap_clip")
-        if clip is None:
-            return None
-        lo, hi = float(clip[0]), float(clip[1])
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            return None
-        return lo, hi
-    except Exception as e:  # noqa: BLE001 - any failure: fall back to the run's quantiles
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        log(f"report: heatmap clip of {uri} not available ({type(e).__name__}: {first})")
-        return None
-
-
-def _has_gradient_maps(con: duckdb.DuckDBPyConnection) -> bool:
-    """Whether rows in scope hold gradient maps (``heatmap_kind``; a table from before the
-    column has none), whose values are not log-likelihoods: the model's clip does not fit."""
-    cols = {r[0] for r in con.execute("describe scope_scores").fetchall()}
-    if "heatmap_kind" not in cols:
-        return False
-    row = con.execute(
-        "select count(*) from scope_scores where heatmap_kind = 'gradient'"
-    ).fetchone()
-    return bool(row and row[0])
-
-
-def _run_clip(con: duckdb.DuckDBPyConnection) -> tuple[float, float] | None:
-    """(0.1 %, 5 %) quantiles of the window log-likelihoods of up to 500 of the images in
-    scope (a repeatable reservoir sample)."""
-    row = con.execute(
-        f"""
-        select quantile_cont(v, [{CLIP_QUANTILES[0]}, {CLIP_QUANTILES[1]}]) from (
-            select unnest(heatmap) as v from (
-                select heatmap from scope_scores where heatmap is not null
-            ) using sample reservoir({CLIP_SAMPLE_IMAGES} rows) repeatable (7)
-        ) where isfinite(v)
-        """
-    ).fetchone()
-    if not row or not row[0] or row[0][0] is None:
-        return None
-    lo, hi = float(row[0][0]), float(row[0][1])
-    return (lo, hi) if hi > lo else (lo, lo + 1e-3)
 
 
 # ---------------------------------------------------------------- pictures
@@ -498,20 +247,6 @@ def _image_picture(
     return True, f"original not readable ({why}): heatmap over a grey placeholder"
 
 
-def _top_rows(
-    con: duckdb.DuckDBPyConnection, path_columns: Sequence[str], top: int
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    sel = _select(path_columns, heatmap=True)
-    base = f"select {sel} from scope_scores where isfinite(anomaly_score)"
-    worst = _dicts(con.execute(f"{base} order by anomaly_score desc, image_uri limit ?", [top]))
-    seen = {(r["image_uri"], r["etag"]) for r in worst}
-    best = _dicts(
-        con.execute(f"{base} order by anomaly_score asc, image_uri limit ?", [top + len(seen)])
-    )
-    best = [r for r in best if (r["image_uri"], r["etag"]) not in seen][:top]
-    return worst, best
-
-
 def _overlays(page: _Page, out: Path, log: Log) -> None:
     missing_heatmaps = 0
     for kind, rows in (("worst", page.worst), ("best", page.best)):
@@ -535,8 +270,8 @@ def _boxplots(
 ) -> None:
     from jobs.render import save_image_boxplots
 
-    quality = _numpy(data, "quality")
-    has = _numpy(data, "__has_heatmap", dtype=bool).astype(bool)
+    quality = numpy_column(data, "quality")
+    has = numpy_column(data, "__has_heatmap", dtype=bool).astype(bool)
     ok = np.flatnonzero(has & np.isfinite(quality))
     if ok.size == 0:
         page.note("boxplots", "no heatmaps stored for this run (--no-heatmaps): no box plots.")
@@ -553,7 +288,7 @@ def _boxplots(
     uris = data.column("image_uri").to_pylist()
     etags = data.column("etag").to_pylist()
     keys = [(uris[i], etags[i]) for i, _ in picks]
-    maps = _heatmaps(con, keys)
+    maps = heatmaps(con, keys)
     boxes = []
     for (i, b), key in zip(picks, keys, strict=True):
         hm = maps.get(key)
@@ -633,7 +368,7 @@ def _path_panels(
 def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
     from jobs.render import save_grouped_boxplots, save_histogram, save_trend
 
-    quality = _numpy(data, "quality")
+    quality = numpy_column(data, "quality")
     finite = np.isfinite(quality)
     name = f"{page.images}/quality_hist.png"
     save_histogram(
@@ -681,36 +416,13 @@ def _quality_figures(page: _Page, data: pa.Table, out: Path, log: Log) -> None:
 DAILY_LINES = 6  # values of a path column drawn as their own lines in the per-day figure
 
 
-def _path_totals(con: duckdb.DuckDBPyConnection, col: str) -> list[dict[str, Any]]:
-    """A path column's most frequent values over the period: images, flagged, median quality."""
-    table = con.execute(
-        f"""
-        select {_q(col)} as value, count(*) as n,
-               count(*) filter (where is_anomaly) as flagged, median(quality) as q
-        from scope_scores group by 1 order by n desc limit {MAX_GROUPS}
-        """
-    ).fetchall()
-    return [{"value": v, "images": n, "flagged": f, "median_quality": q} for v, n, f, q in table]
-
-
 def _daily(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> None:
     """Per scoring day: median quality and the share of flagged images, overall and for each
     value of the path columns with at most :data:`DAILY_LINES` values; plus a table of each
     path column's values over the whole period."""
     from jobs.render import save_daily
 
-    def per_day(where: str = "true", params: Sequence[Any] = ()) -> dict[Any, tuple]:
-        res = con.execute(
-            f"""
-            select cast(scored_at as date) as day, count(*) as n,
-                   count(*) filter (where is_anomaly) as flagged, median(quality) as q
-            from scope_scores where {where} and scored_at is not null group by 1 order by 1
-            """,
-            list(params),
-        ).fetchall()
-        return {d: (n, f, q) for d, n, f, q in res}
-
-    overall = per_day()
+    overall = daily_counts(con)
     if not overall:
         page.note("daily", "no scored_at in these rows: no per-day figure.")
         return
@@ -730,16 +442,11 @@ def _daily(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) -> 
 
     line("all images", overall)
     for col in page.path_columns:
-        values = [
-            v
-            for (v,) in con.execute(
-                f"select distinct {_q(col)} from scope_scores where {_q(col)} is not null"
-            ).fetchall()
-        ]
+        values = distinct_values(con, col)
         if 1 < len(values) <= DAILY_LINES and len(series) < 1 + 2 * DAILY_LINES:
             for v in sorted(values, key=lambda x: _natural_key(str(x))):
-                line(f"{col}={v}", per_day(f"{_q(col)} = ?", [v]))
-        page.path_tables[col] = _path_totals(con, col)
+                line(f"{col}={v}", daily_counts(con, col, v))
+        page.path_tables[col] = path_totals(con, col)
     name = f"{page.images}/daily.png"
     save_daily(
         out / name,
@@ -774,31 +481,7 @@ def _errors(con: duckdb.DuckDBPyConnection, page: _Page, out: Path, log: Log) ->
 
     if page.run.errors == 0:
         return
-    groups = _dicts(
-        con.execute(
-            """
-            select coalesce(stage, '?') as stage, coalesce(error_type, '?') as error_type,
-                   count(*) as n
-            from scope_errors group by all order by n desc, 1, 2
-            """
-        )
-    )
-    examples = con.execute(
-        f"""
-        select stage, error_type, image_uri, message from (
-            select coalesce(stage, '?') as stage, coalesce(error_type, '?') as error_type,
-                   image_uri, message,
-                   row_number() over (partition by coalesce(stage, '?'),
-                                      coalesce(error_type, '?') order by image_uri) as k
-            from scope_errors
-        ) where k <= {ERROR_EXAMPLES} order by stage, error_type, k
-        """
-    ).fetchall()
-    by_group: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for stage, etype, uri, msg in examples:
-        by_group.setdefault((stage, etype), []).append((uri, msg or ""))
-    for g in groups:
-        g["examples"] = by_group.get((g["stage"], g["error_type"]), [])
+    groups = error_groups(con)
     page.error_groups = groups
     name = f"{page.images}/errors_by_type.png"
     save_bar_chart(
@@ -850,7 +533,7 @@ def _period_header(page: _Page) -> str:
 
     fields = [
         ("job", _e(p.job)),
-        ("period (UTC)", _e(f"{_fmt_day(p.start)} to {_fmt_day(p.end)}")),
+        ("period (UTC)", _e(f"{fmt_day(p.start)} to {fmt_day(p.end)}")),
         ("runs", _e(f"{len(p.runs)} (" + ", ".join(f"{n} {k}" for k, n in statuses.items()) + ")")),
         ("images scored", _e(total("images_scored"))),
         ("images failed", _e(total("images_failed"))),
@@ -864,7 +547,7 @@ def _period_header(page: _Page) -> str:
     head = "<tr><th>started</th><th>status</th><th>model version</th><th>scored</th>"
     head += "<th>failed</th><th>skipped</th><th>images/s</th><th>run id</th></tr>\n"
     rows = "".join(
-        f"<tr><td>{_e(_fmt_ts(r.get('started_at')))}</td><td>{_e(r.get('status'))}</td>"
+        f"<tr><td>{_e(fmt_ts(r.get('started_at')))}</td><td>{_e(r.get('status'))}</td>"
         f"<td>{_e(r.get('model_version'))}</td><td>{_e(r.get('images_scored'))}</td>"
         f"<td>{_e(r.get('images_failed'))}</td><td>{_e(r.get('images_skipped'))}</td>"
         f"<td>{_e(_fmt_num(r.get('images_per_s'), 4))}</td>"
@@ -891,8 +574,8 @@ def _header(page: _Page) -> str:
         ("job", _e(info.get("job"))),
         ("model", f"{_e(info.get('model_name'))} version {_e(info.get('model_version'))}"),
         ("archive", f'<span class="mono">{_e(info.get("archive"))}</span>'),
-        ("started", _e(_fmt_ts(started))),
-        ("finished", _e(_fmt_ts(finished))),
+        ("started", _e(fmt_ts(started))),
+        ("finished", _e(fmt_ts(finished))),
         ("duration", _e(duration)),
         ("status", _e(info.get("status"))),
         ("images listed", _e(info.get("images_listed"))),
@@ -921,7 +604,7 @@ def _caption(row: dict[str, Any], path_columns: Sequence[str]) -> str:
         parts.append(" · ".join(cols))
     flag = row.get("is_anomaly")
     parts.append(
-        f"captured_at {_e(_fmt_ts(row.get('captured_at')))} · quality "
+        f"captured_at {_e(fmt_ts(row.get('captured_at')))} · quality "
         f"{_e(_fmt_num(row.get('quality')))} · anomaly_score "
         f"{_e(_fmt_num(row.get('anomaly_score')))} · is_anomaly "
         + (f'<span class="flag">{_e(_fmt_num(flag))}</span>' if flag else _e(_fmt_num(flag)))
@@ -1085,7 +768,7 @@ def _check_request(
     return end
 
 
-def _header_notes(page: _Page, run: _Run) -> None:
+def _header_notes(page: _Page, run: Run) -> None:
     """What the page says when the tables no longer hold all that the run wrote."""
     info = run.info or {}
     scored = info.get("images_scored")
@@ -1175,11 +858,11 @@ def run_report(
     try:
         if job is not None:
             assert start is not None and end is not None
-            run = _choose_period(con, job, start, end)
+            run = choose_period(con, job, start, end)
         else:
-            run = _choose_run(con, run_id)
+            run = choose_run(con, run_id)
         log(f"report: {run.title}: {run.rows} scored rows, {run.errors} error rows")
-        page = _Page(run=run, path_columns=_path_columns(con))
+        page = _Page(run=run, path_columns=path_columns(con))
         _header_notes(page, run)
         index = _build(con, page, out, top, log, settings)
     finally:
@@ -1197,22 +880,19 @@ def _scored_sections(
     log: Log,
     settings: Settings | None = None,
 ) -> None:
-    data = _arrow_table(
-        con, f"select {_select(page.path_columns, heatmap=False)} from scope_scores", []
+    data = arrow_table(
+        con, f"select {select_columns(page.path_columns, heatmap=False)} from scope_scores", []
     )
     with_maps = int(np.asarray(data.column("__has_heatmap").to_numpy(zero_copy_only=False)).sum())
     page.has_heatmaps = with_maps > 0
     if with_maps:
-        first = con.execute(
-            "select model_name, model_version from scope_scores "
-            "group by all order by count(*) desc limit 1"
-        ).fetchone() or (None, None)
+        first = main_model(con)
         info = page.run.info or {}
         name = info.get("model_name") or first[0]
         version = info.get("model_version") or first[1]
-        gradient = _has_gradient_maps(con)
+        gradient = has_gradient_maps(con)
         page.clip = (
-            None if gradient else _registry_clip(str(name or ""), str(version or ""), log, settings)
+            None if gradient else registry_clip(str(name or ""), str(version or ""), log, settings)
         )
         page.clip_source = f"heatmap_clip of models:/{name}/{version}"
         if gradient:
@@ -1223,7 +903,7 @@ def _scored_sections(
                 "run's own quantiles; the box plots show minus the map.",
             )
         if page.clip is None:
-            page.clip = _run_clip(con)
+            page.clip = run_clip(con)
             page.clip_source = (
                 f"{CLIP_QUANTILES[0]:.1%} and {CLIP_QUANTILES[1]:.0%} quantiles of the "
                 f"run's {'heatmap values' if gradient else 'window log-likelihoods'} "
@@ -1235,7 +915,7 @@ def _scored_sections(
             "this run stored no heatmaps (scored with --no-heatmaps): originals are shown "
             "without overlays.",
         )
-    page.worst, page.best = _top_rows(con, page.path_columns, top)
+    page.worst, page.best = top_rows(con, page.path_columns, top)
     _overlays(page, out, log)
     _boxplots(con, page, data, out, log)
     _quality_figures(page, data, out, log)

@@ -89,7 +89,8 @@ def check_read_only(sql: str) -> None:
 # ---------------------------------------------------------------- views
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
+    """A quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -98,13 +99,13 @@ def _quote_str(text: str) -> str:
 
 
 def _null_as(name: str, duck_type: Any) -> str:
-    return f"CAST(NULL AS {duck_type}) AS {_quote_ident(name)}"
+    return f"CAST(NULL AS {duck_type}) AS {quote_ident(name)}"
 
 
 def _empty_view(con: duckdb.DuckDBPyConnection, name: str, schema: pa.Schema) -> None:
     types = con.from_arrow(schema.empty_table()).types
     cols = ", ".join(_null_as(f.name, t) for f, t in zip(schema, types, strict=True))
-    con.execute(f"CREATE VIEW {_quote_ident(name)} AS SELECT {cols} WHERE false")
+    con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT {cols} WHERE false")
 
 
 def _table_view(
@@ -129,9 +130,9 @@ def _table_view(
     if not local or deletes or any(_GLOB_CHARS & set(p) for p in paths):
         data = tbl.scan().to_arrow()  # applies delete files; reads the table into memory
         con.register(f"__arrow_{name}", data)
-        cols = ", ".join(_quote_ident(c) for c in schema.names)
-        src = _quote_ident(f"__arrow_{name}")
-        con.execute(f"CREATE VIEW {_quote_ident(name)} AS SELECT {cols} FROM {src}")
+        cols = ", ".join(quote_ident(c) for c in schema.names)
+        src = quote_ident(f"__arrow_{name}")
+        con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT {cols} FROM {src}")
         return "arrow"
     # hive_partitioning=false: the model_version=… directories must not override (and
     # retype) the column stored in the files
@@ -140,10 +141,10 @@ def _table_view(
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     types = con.from_arrow(schema.empty_table()).types
     cols = ", ".join(
-        _quote_ident(f.name) if f.name in present else _null_as(f.name, t)
+        quote_ident(f.name) if f.name in present else _null_as(f.name, t)
         for f, t in zip(schema, types, strict=True)
     )
-    con.execute(f"CREATE VIEW {_quote_ident(name)} AS SELECT {cols} FROM {source}")
+    con.execute(f"CREATE VIEW {quote_ident(name)} AS SELECT {cols} FROM {source}")
     allowed.update(paths)
     return "parquet"
 
