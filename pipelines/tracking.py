@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import posixpath
 import re
@@ -180,6 +181,9 @@ def client(uri: str | None = None, settings: Settings | None = None) -> MlflowCl
     """
     from mlflow import MlflowClient
 
+    # MLflow announces at INFO that it creates or migrates a SQLite store's tables, on the
+    # first command of every new home; flowscore's own output says what it does
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     resolved = uri or tracking_uri(settings)
     return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 

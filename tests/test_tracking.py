@@ -359,3 +359,14 @@ def test_http_request_budget_follows_the_settings(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
     assert tr.http_request_budget_s() == 4 * 4 + 2 + 4
+
+
+def test_a_new_sqlite_store_is_created_without_mlflow_info_lines(tmp_path, monkeypatch, capfd):
+    """The first command of a new home creates MLflow's tables without MLflow's two INFO
+    lines ("Creating initial MLflow database tables..."): flowscore says what it does."""
+    monkeypatch.setenv("FLOWSCORE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tr.ensure_experiment(tr.client(), "quiet")
+    assert (tmp_path / "home" / "mlflow.db").is_file()
+    err = capfd.readouterr().err
+    assert "MLflow database tables" not in err and "Updating database tables" not in err
