@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 MAX_CHANNELS = 256
+LOSSES = ("mse", "huber")  # DistilledConfig.loss
 TEACHER_KEYS = ("uri", "name", "version", "preset", "featurizer", "weights_sha256")
 """What a distilled bundle records of its teacher (each a string or null)."""
 
@@ -79,7 +80,13 @@ class DistilledConfig:
     targets more than ``target_floor`` standard deviations (of the normal training windows)
     below their mean are learnt as that floor: a synthetic defect can take a window to
     -450,000 nats where normal ones lie within ±60 (factory), and such values, or -inf,
-    made the loss NaN; every image the threshold separates lies far above the floor."""
+    made the loss NaN; every image the threshold separates lies far above the floor.
+    ``loss`` compares the student's standardised grid with the teacher's: ``"mse"``, squared
+    error, or ``"huber"`` (smooth L1, quadratic within one standard deviation and linear
+    beyond). The image score is a tail statistic (the mean of the lowest windows), and the
+    Huber loss gives exactly those windows, many standard deviations down, the least weight:
+    on harvest its student reached image AUROC 0.857 where the squared error's reached 0.982
+    (teacher 1.000; README)."""
 
     window: int = 46
     stride: int = 8
@@ -93,6 +100,7 @@ class DistilledConfig:
     synthetic_copies: int = 2
     quality_weight: float = 0.0
     target_floor: float = 20.0
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         ints = ("window", "stride", "channels", "depth", "epochs", "batch", "patience")
@@ -116,6 +124,8 @@ class DistilledConfig:
             raise ValueError("DistilledConfig.quality_weight must be >= 0")
         if not (self.target_floor > 0 and math.isfinite(self.target_floor)):
             raise ValueError("DistilledConfig.target_floor must be > 0")
+        if self.loss not in LOSSES:
+            raise ValueError(f"DistilledConfig.loss must be one of {LOSSES}, got {self.loss!r}")
 
     @property
     def features(self) -> int:
@@ -373,21 +383,22 @@ def _loss(
     student: DistilledFeaturizer,
     pairs: Sequence[tuple[np.ndarray, Tensor]],
     ids: Sequence[int],
-    quality_weight: float,
-    floor: float,
+    cfg: DistilledConfig,
 ) -> Tensor:
     dev = student.device
     x = to_tensor(np.stack([pairs[i][0] for i in ids]), dev)
     target = torch.stack([pairs[i][1] for i in ids]).to(dev)
     z_target = (target - student.target_mean) / student.target_std
-    z_target = z_target.nan_to_num(nan=-floor, neginf=-floor).clamp(-floor, floor)
+    z_target = z_target.nan_to_num(nan=-cfg.target_floor, neginf=-cfg.target_floor).clamp(
+        -cfg.target_floor, cfg.target_floor
+    )
     z = student.head(student(x))[:, 0]
-    loss = F.smooth_l1_loss(z, z_target)
-    if quality_weight > 0:
+    loss = F.mse_loss(z, z_target) if cfg.loss == "mse" else F.smooth_l1_loss(z, z_target)
+    if cfg.quality_weight > 0:
         q = torch.tensor([0.25, 0.5], device=dev)
         pq = torch.quantile(z.flatten(1), q, dim=1).mean(0)
         tq = torch.quantile(z_target.flatten(1), q, dim=1).mean(0)
-        loss = loss + quality_weight * F.mse_loss(pq, tq)
+        loss = loss + cfg.quality_weight * F.mse_loss(pq, tq)
     return loss
 
 
@@ -446,7 +457,7 @@ def distill(
         order = torch.randperm(len(train), generator=gen).tolist()
         total, n = 0.0, 0
         for ids in _batches(train, cfg.batch, order):
-            loss = _loss(student, train, ids, cfg.quality_weight, cfg.target_floor)
+            loss = _loss(student, train, ids, cfg)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -456,9 +467,7 @@ def distill(
         with torch.no_grad():
             vt, vn = 0.0, 0
             for ids in _batches(val, cfg.batch, range(len(val))):
-                vt += float(_loss(student, val, ids, cfg.quality_weight, cfg.target_floor)) * len(
-                    ids
-                )
+                vt += float(_loss(student, val, ids, cfg)) * len(ids)
                 vn += len(ids)
         row = {"epoch": float(epoch), "train_loss": total / max(n, 1), "val_loss": vt / vn}
         history.append(row)

@@ -31,8 +31,11 @@ from flowcore.bundle import load_bundle, save_bundle
 from flowcore.distill import DistilledConfig, distill, spearman, teacher_record
 from flowcore.fit import PRESETS, fit_scorer, split_holdout
 from flowcore.scorer import Scorer
-from flowcore.synthetic import auroc
+from flowcore.synthetic import add_defect, auroc
 from pipelines.archive import decode_image
+
+VAL_DEFECT_SEED = 99  # synthetic defects for the label-free held-out check
+VAL_COPIES = 4
 
 
 def _images(root: Path, years: set[str]) -> list[tuple[str, np.ndarray]]:
@@ -125,6 +128,25 @@ def main() -> None:
     res["anomaly_score_spearman_test"] = spearman(
         scores["teacher"]["anomaly_score"], scores["student"]["anomaly_score"]
     )
+    # the label-free criterion to choose a student by: the held-out normal images against
+    # synthetic-defect copies of them (a seed the training copies did not use)
+    rng = np.random.default_rng(VAL_DEFECT_SEED)
+    copies = [add_defect(np.asarray(im), rng)[0] for im in val for _ in range(VAL_COPIES)]
+    held: dict[str, np.ndarray] = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        held[name] = np.array(
+            [float(model.score(im[None]).summary["anomaly_score"][0]) for im in [*val, *copies]]
+        )
+        res[f"{name}_val_synthetic_auroc"] = auroc(held[name][: len(val)], held[name][len(val) :])
+    # how closely the student follows its teacher on the statistic that flags images
+    res["val_anomaly_score_spearman"] = spearman(held["teacher"], held["student"])
+    # a development set to choose settings by, apart from the test year: the held-out normal
+    # images against the labelled anomalies of the training years (never trained on)
+    dev_bad = [im for p, im in _images(root, set(args.train_years.split(","))) if labels.get(p)]
+    for name, model in (("teacher", teacher), ("student", student)):
+        bad = np.array([float(model.score(im[None]).summary["anomaly_score"][0]) for im in dev_bad])
+        res[f"{name}_dev_auroc"] = auroc(held[name][: len(val)], bad)
+    res["dev_anomalous"] = len(dev_bad)
     res["val_quality_spearman"] = srep.val_quality_spearman
     res["student_best_epoch"], res["student_epochs"] = srep.best_epoch, len(srep.epochs)
     res["teacher_fit_s"], res["student_fit_s"] = round(t_teacher, 1), round(t_student, 1)
