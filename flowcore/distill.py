@@ -85,8 +85,9 @@ class DistilledConfig:
     error, or ``"huber"`` (smooth L1, quadratic within one standard deviation and linear
     beyond). The image score is a tail statistic (the mean of the lowest windows), and the
     Huber loss gives exactly those windows, many standard deviations down, the least weight:
-    on harvest its student reached image AUROC 0.857 where the squared error's reached 0.982
-    (teacher 1.000; README)."""
+    on harvest (two copies each) its student reached image AUROC 0.857 where the squared
+    error's reached 0.982 (teacher 1.000; README). Four copies rather than two took the
+    development AUROC from 0.852 to 0.939 (README)."""
 
     window: int = 46
     stride: int = 8
@@ -97,7 +98,7 @@ class DistilledConfig:
     lr: float = 3e-3
     batch: int = 4
     patience: int = 8
-    synthetic_copies: int = 2
+    synthetic_copies: int = 4
     quality_weight: float = 0.0
     target_floor: float = 20.0
     loss: str = "mse"

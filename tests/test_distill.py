@@ -27,7 +27,9 @@ from flowcore.synthetic import auroc
 from flowcore.windows import to_tensor
 
 OLD_BUNDLE = Path(__file__).parent / "data" / "bundle-format1-windows"
-TOY = DistilledConfig(channels=16, depth=1, epochs=40, lr=5e-3, batch=4, patience=10)
+TOY = DistilledConfig(
+    channels=16, depth=1, epochs=40, lr=5e-3, batch=4, patience=10, synthetic_copies=2
+)
 
 
 @pytest.fixture(scope="module")
