@@ -457,6 +457,16 @@ def ray_session(s3_server: str) -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_address(ray_session: None) -> str:
+    """The session's Ray cluster, for children to join (``--ray-address``) instead of each
+    starting its own (a fresh local Ray costs a child several seconds of CPU in Ray's own
+    Python processes)."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
 # ---------------------------------------------------------------------------------------
 # Jobs and tables: helpers shared by the nightly-job and fault tests
 # ---------------------------------------------------------------------------------------

@@ -163,15 +163,6 @@ def child_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def ray_address(ray_session: None) -> str:
-    """The session's Ray cluster, for children to join (``--ray-address``) instead of each
-    starting its own."""
-    import ray
-
-    return str(ray.get_runtime_context().gcs_address)
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory, small_scorer: Scorer) -> Path:
     return save_bundle(small_scorer, tmp_path_factory.mktemp("model") / "bundle")

@@ -141,14 +141,14 @@ def test_a_live_lock_stops_a_second_run_and_a_dead_one_is_taken_over(home, tmp_p
 
 @pytest.mark.ray
 @pytest.mark.faults
-def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_session, home, tmp_path, model):
+def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_address, home, tmp_path, model):
     archive = tmp_path / "archive"
     write_archive(archive, kind="harvest", images=30, seed=4, height=64, width=96)
     job = write_job(tmp_path, archive, str(model))
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", FLOWSCORE_LOCK_LEASE_S="6")
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(job)],
+        [sys.executable, "-m", "jobs.cli", "run", str(job), "--ray-address", ray_address],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -160,7 +160,7 @@ def test_kill_9_mid_run_then_rerun_finishes_exactly_once(ray_session, home, tmp_
             time.sleep(0.2)
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job and every process it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the job; Ray ends a dead driver's actors and tasks
         proc.wait()
     partial = len(read_table("image_scores"))
     assert 0 < partial < 30

@@ -317,10 +317,14 @@ COMMIT_EVERY = 4
 _COMMIT_LINE = re.compile(rb"commit (\d+)/\d+: (\d+) scored, (\d+) failed")
 
 
-def _job_env(server, home: Path, **settings: str) -> dict[str, str]:
+def _job_env(server, home: Path, ray_address: str, **settings: str) -> dict[str, str]:
+    """The job's environment: ``server`` for S3, and the session's Ray to join (its workers
+    get the endpoint and the ``FLOWSCORE_S3_*`` settings in the job's runtime_env, as on a
+    cluster; the fake credentials are the same for every test server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
     env.update(server.env())
     env.update(
+        RAY_ADDRESS=ray_address,
         FLOWSCORE_HOME=str(home),
         FLOWSCORE_WAREHOUSE="s3://outage-wh/warehouse",
         FLOWSCORE_LOCK_LEASE_S="10",
@@ -387,7 +391,7 @@ def _finish(proc: subprocess.Popen, log: Path, timeout_s: float) -> int:
     finally:
         proc.log_file.close()  # type: ignore[attr-defined]
         try:
-            os.killpg(proc.pid, 9)  # Ray's processes of that job, if any outlived it
+            os.killpg(proc.pid, 9)  # anything of the job's that outlived it
         except ProcessLookupError:
             pass
 
@@ -438,7 +442,9 @@ def _first_run_id() -> str:
 @pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.timeout(300)
-def test_a_pause_shorter_than_the_budget_is_ridden_out(outage_job, own_s3_server, tmp_path):
+def test_a_pause_shorter_than_the_budget_is_ridden_out(
+    outage_job, own_s3_server, ray_address, tmp_path
+):
     """Paused for 3× the request timeout, once while images are read and once after a commit
     (so table writes and commits wait too): the run retries and finishes, or at worst stops
     with one clear line; either way nothing is half-committed and a rerun completes."""
@@ -446,6 +452,7 @@ def test_a_pause_shorter_than_the_budget_is_ridden_out(outage_job, own_s3_server
     env = _job_env(
         own_s3_server,
         home,
+        ray_address,
         FLOWSCORE_S3_CONNECT_TIMEOUT_S="2",
         FLOWSCORE_S3_READ_TIMEOUT_S="2",
         FLOWSCORE_S3_RETRIES="1",
@@ -481,7 +488,9 @@ def test_a_pause_shorter_than_the_budget_is_ridden_out(outage_job, own_s3_server
 @pytest.mark.ray
 @pytest.mark.faults
 @pytest.mark.timeout(300)
-def test_a_pause_longer_than_the_budget_stops_the_run_clearly(outage_job, own_s3_server, tmp_path):
+def test_a_pause_longer_than_the_budget_stops_the_run_clearly(
+    outage_job, own_s3_server, ray_address, tmp_path
+):
     """Paused after the first commit until the run gives up: exit code 1 within the budget
     plus the timeouts, one line naming S3 and the endpoint, only whole chunks committed;
     resumed, a rerun scores the rest exactly once."""
@@ -489,6 +498,7 @@ def test_a_pause_longer_than_the_budget_stops_the_run_clearly(outage_job, own_s3
     env = _job_env(
         own_s3_server,
         home,
+        ray_address,
         FLOWSCORE_S3_CONNECT_TIMEOUT_S="1",
         FLOWSCORE_S3_READ_TIMEOUT_S="1",
         FLOWSCORE_S3_RETRIES="0",
