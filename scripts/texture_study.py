@@ -85,6 +85,11 @@ def main() -> None:
     ap.add_argument(
         "--test-transforms", type=int, default=1, metavar="N", help="test_transforms = N"
     )
+    ap.add_argument(
+        "--dequantize",
+        choices=("true", "false"),
+        help="train on dequantised windows or not (default: the preset's)",
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
@@ -104,6 +109,8 @@ def main() -> None:
     if args.auto:
         spec = replace(spec, image_statistic="auto")
     spec = replace(spec, test_transforms=args.test_transforms)
+    if args.dequantize:
+        spec = replace(spec, dequantize=args.dequantize == "true")
     train, val, test = render_views(args.texture, args.seed)
     state = None
     if isinstance(spec.featurizer, CNNConfig):
@@ -159,7 +166,7 @@ def main() -> None:
         print("  auto:", scorer.training_stats["image_statistic_choice"])
     print(
         f"{args.texture} {args.preset} {changes or ''} {args.fit or ''} "
-        f"grid {gt.shape[1:]} fit {fit_s:.0f} s"
+        f"dequantize={spec.dequantize} grid {gt.shape[1:]} fit {fit_s:.0f} s"
     )
     for name, s in stats.items():
         row = {}

@@ -14,6 +14,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_RATE = 0, 1, 2, 3
 PRESET_NAMES = (
     "grain-full",
     "grain-quarter",
+    "grain-fine",
     "grain-multiscale",
     "cnn",
     "cnn-mobilenet",

@@ -38,13 +38,14 @@ def register(sub: Subparsers, parents: Parents) -> None:
         default="grain-full",
         help="grain-full: 46×46×3 windows, stride 8, 100 PCA components and the residual "
         "energy, MAF; grain-quarter: 11×11×3 windows at 25 %% scale, stride 2, no reduction, "
-        "MAF; grain-multiscale: 11×11 windows at stride 4 in their 46×46 context, one MAF "
-        "(small defects; twice the arithmetic); cnn: resnet18 feature grid with an "
-        "affine-coupling flow; cnn-mobilenet: MobileNetV2 features (give --backbone-weights "
-        "pkg:mobilenet_v2 for ImageNet weights, offline); ae-flow: a convolutional "
-        "autoencoder trained on the images (28×28 grey windows, whole small images such as "
-        "Fashion-MNIST), an affine-coupling flow on its codes, plus its reconstruction "
-        "density (default: %(default)s)",
+        "MAF; grain-fine: 11×11×3 windows at full resolution, stride 4, no reduction (fine "
+        "textures, defects a few pixels wide); grain-multiscale: 11×11 windows at stride 4 in "
+        "their 46×46 context, one MAF (small defects; twice the arithmetic); cnn: resnet18 "
+        "feature grid with an affine-coupling flow; cnn-mobilenet: MobileNetV2 features (give "
+        "--backbone-weights pkg:mobilenet_v2 for ImageNet weights, offline); ae-flow: a "
+        "convolutional autoencoder trained on the images (28×28 grey windows, whole small "
+        "images such as Fashion-MNIST), an affine-coupling flow on its codes, plus its "
+        "reconstruction density (default: %(default)s)",
     )
     t.add_argument(
         "--config",
