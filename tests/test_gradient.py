@@ -213,7 +213,9 @@ def test_evaluate_reports_the_gradient_maps_pixel_auroc(
             continue
         gmap = gradient_map(fitted, img[None])[0]
         want.add(heatmap_to_image(gmap, fitted.geometry, *img.shape[:2]).numpy(), mask)
-    assert report["pixel_auroc_gradient"] == pytest.approx(want.value(), abs=1e-6)
+    # evaluate takes the gradients of a batch, this loop of one image: float32 sums in another
+    # order can swap near-tied pixels (1.3e-6 seen once); a wrong map is off by 1e-2 and more
+    assert report["pixel_auroc_gradient"] == pytest.approx(want.value(), abs=1e-4)
     assert report["pixel_auroc"]["flow"] is not None
     assert "gradient map" in capsys.readouterr().out
 
