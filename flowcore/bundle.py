@@ -34,6 +34,7 @@ from .distill import TEACHER_KEYS, DistilledConfig, DistilledFeaturizer
 from .encoder import EncoderConfig, EncoderFeaturizer
 from .flows import build_flow, flow_config_from_dict, flow_config_to_dict
 from .flows.config import flow_elements
+from .globalscore import GlobalScore
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer
 from .scorer import (
     LEGACY_IMAGE_SCORE,
@@ -124,6 +125,7 @@ def save_bundle(scorer: Scorer, path: str | Path, training: dict[str, Any] | Non
         "heatmap_clip": list(scorer.heatmap_clip) if scorer.heatmap_clip else None,
         "image_score": scorer.image_score.as_dict(),
         "calibration": scorer.calibration.as_dict() if scorer.calibration else None,
+        **({"global_score": scorer.global_score.as_dict()} if scorer.global_score else {}),
         "validated_precisions": list(scorer.validated_precisions),
         "test_transforms": scorer.transforms,
         "training": training or {},
@@ -249,6 +251,35 @@ def _image_score_from_meta(d: Any, where: str) -> ImageScore:
         )
     except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
         raise BundleError(f"{where}: image_score: {e}") from e
+
+
+def _global_score_from_meta(d: Any, scorer: Scorer, where: str) -> GlobalScore | None:
+    """The global score's settings (its tensors come with the weights); bundles without one
+    (all from before it existed) score the tail statistic alone."""
+    if d is None:
+        return None
+    keys = {"features", "components", "tail_centre", "tail_spread", "centre", "spread"}
+    if not isinstance(d, dict) or set(d) != keys:
+        raise BundleError(f"{where}: global_score must be a table of {', '.join(sorted(keys))}")
+    if isinstance(scorer.featurizer, DistilledFeaturizer):
+        raise BundleError(f"{where}: a distilled model cannot have a global_score")
+    want = int(scorer.featurizer.cfg.features)
+    try:
+        if any(isinstance(d[k], bool) for k in keys):
+            raise ValueError("numbers expected, not true/false")
+        features, components = int(d["features"]), int(d["components"])
+        if features != want:
+            raise ValueError(f"features={features} does not match the featurizer's {want}")
+        return GlobalScore(
+            features,
+            components,
+            tail_centre=float(d["tail_centre"]),
+            tail_spread=float(d["tail_spread"]),
+            centre=float(d["centre"]),
+            spread=float(d["spread"]),
+        )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise BundleError(f"{where}: global_score: {e}") from e
 
 
 def _precisions_from_meta(d: Any, where: str) -> tuple[str, ...]:
@@ -392,6 +423,7 @@ def _finish(root: Path, meta: dict[str, Any], scorer: Scorer, device: str | torc
         meta.get("validated_precisions"), str(meta_path)
     )
     scorer.transforms = _transforms_from_meta(meta.get("test_transforms", 1), str(meta_path))
+    scorer.global_score = _global_score_from_meta(meta.get("global_score"), scorer, str(meta_path))
     # names, shapes and dtypes from the safetensors header (no tensor data read yet)
     expected = scorer.state_dict()
     header = _header(weights_path)

@@ -44,6 +44,7 @@ from .encoder import EncoderConfig, EncoderFeaturizer, fit_encoder, sample_crops
 from .flows import (
     build_flow,
 )
+from .globalscore import GlobalScore, descriptors
 from .multiscale import MultiScaleConfig, MultiScaleFeaturizer, fit_multiscale
 from .scorer import (
     Calibration,
@@ -81,6 +82,8 @@ __all__ = [
     "PRESETS",
     "FitReport",
     "fit_scorer",
+    "fit_global_score",
+    "GLOBAL_MAX_TRAIN_IMAGES",
     "project_windows",
     "init_featurizer",
     "basis_sample",
@@ -634,6 +637,48 @@ def choose_image_score(
     return StatisticChoice(scores[chosen], chosen, aurocs, n_img, n_bad)
 
 
+GLOBAL_MAX_TRAIN_IMAGES = 500
+"""Most training images whose descriptors fit the global score (:func:`fit_global_score`):
+the Gaussian has at most 32 dimensions, and each image costs one scoring pass."""
+
+
+@torch.no_grad()
+def fit_global_score(
+    scorer: Scorer,
+    train_images: Iterable[np.ndarray],
+    val_images: Iterable[np.ndarray],
+    *,
+    max_train_images: int = GLOBAL_MAX_TRAIN_IMAGES,
+) -> GlobalScore:
+    """Fit the image-level global score (:mod:`flowcore.globalscore`) of a fitted scorer on
+    normal images: each image is scored once (its descriptor and its raw tail statistic);
+    the first ``max_train_images`` training images fit the descriptors' Gaussian. The scorer
+    is not changed: set ``scorer.global_score`` to the result."""
+    if isinstance(scorer.featurizer, DistilledFeaturizer):
+        raise ValueError("a distilled model has no features for a global score")
+    keep, scorer.global_score = scorer.global_score, None
+
+    def collect(images: Iterable[np.ndarray], limit: int | None) -> tuple[np.ndarray, list[float]]:
+        descs: list[np.ndarray] = []
+        tails: list[float] = []
+        for img in images:
+            if limit is not None and len(descs) >= limit:
+                break
+            grid, feats = scorer.grid_and_features(np.asarray(img)[None])
+            descs.append(descriptors(feats).cpu().numpy()[0])
+            tails.append(float(scorer.summarize(grid)["anomaly_score"][0]))
+        return np.asarray(descs, np.float64), tails
+
+    try:
+        train_d, train_t = collect(train_images, max_train_images)
+        val_d, val_t = collect(val_images, None)
+    finally:
+        scorer.global_score = keep
+    if len(train_d) < 3:
+        raise ValueError(f"a global score needs at least 3 training images, got {len(train_d)}")
+    return GlobalScore.fit(train_d, train_t, val_d, val_t).to(scorer.device)
+
+
 def fit_scorer(
     train_images: Sequence[np.ndarray],
     val_images: Sequence[np.ndarray],
@@ -679,6 +724,8 @@ def fit_scorer(
             scorer, val_images, seed=spec.seed, copies=choice_copies(len(val_images))
         )
         scorer.image_score = choice.image_score
+    if spec.image_global:
+        scorer.global_score = fit_global_score(scorer, train_images, val_images)
     cal = calibrate(
         scorer,
         val_images,

@@ -5,7 +5,9 @@ window log-likelihoods of an image (linear interpolation between order statistic
 numpy's default); ``quality = (p25 + p50) / 2`` (lower = worse); ``anomaly_score`` (higher =
 more anomalous) is the model's :class:`ImageScore`, a tail statistic of the grid chosen at
 training (default: minus the mean of the k lowest windows, k from the geometry; bundles from
-before it score ``-p05``); ``is_anomaly = anomaly_score > threshold``, the threshold being a
+before it score ``-p05``), or, for a model with a global score (:mod:`flowcore.globalscore`),
+the larger of that statistic and the image's global distance, each standardised on normal
+images; ``is_anomaly = anomaly_score > threshold``, the threshold being a
 high quantile of ``anomaly_score`` over held-out normal images, stored with the model, and
 optionally one per value of a path column (:class:`Calibration`), with the global one as the
 fallback.
@@ -26,6 +28,7 @@ from .cnn import CNNFeaturizer
 from .distill import DistilledFeaturizer
 from .encoder import EncoderFeaturizer
 from .flows import Flow, FlowConfig, MAFConfig
+from .globalscore import GlobalScore
 from .multiscale import MultiScaleFeaturizer
 from .windows import Geometry, WindowFeaturizer, to_tensor
 
@@ -389,6 +392,9 @@ class Scorer(nn.Module):
         # the bundle: the threshold was calibrated with them
         self.transforms = 1
         self.training_stats: dict[str, object] = {}
+        # optional: the image-level score of changes over the whole image, joined with the
+        # tail statistic in anomaly_score (flowcore.globalscore); its tensors are in the bundle
+        self.global_score: GlobalScore | None = None
 
     @property
     def geometry(self) -> Geometry:
@@ -523,6 +529,37 @@ class Scorer(nn.Module):
         host = np.stack(list(images)) if not isinstance(images, np.ndarray) else images
         return torch.as_tensor(np.ascontiguousarray(host)).to(self.device)
 
+    def grid_and_distance(
+        self, images: np.ndarray | Tensor | Sequence[np.ndarray]
+    ) -> tuple[Tensor, np.ndarray | None]:
+        """The log-likelihood grid (:meth:`log_likelihood_grid`) and, with a
+        :attr:`global_score`, each image's global distance (N,) (of the untransformed image's
+        features; None without one)."""
+        if self.global_score is None:
+            return self.log_likelihood_grid(images), None
+        grid, feats = self.grid_and_features(images)
+        with torch.inference_mode():
+            return grid, self.global_score.distance(feats).cpu().numpy()
+
+    def grid_and_features(
+        self, images: np.ndarray | Tensor | Sequence[np.ndarray]
+    ) -> tuple[Tensor, Tensor]:
+        """The log-likelihood grid (:meth:`log_likelihood_grid`, test-time transforms
+        included) and the untransformed images' (N, D, gh, gw) features."""
+        self.eval()
+        with torch.inference_mode():
+            if self.transforms <= 1:
+                feats, grid = self.features_and_grid(images)
+                return grid, feats
+            return self.log_likelihood_grid(images), self.features(images)
+
+    def combine(self, tail: np.ndarray, distance: np.ndarray | None) -> np.ndarray:
+        """Raw image statistics and global distances -> anomaly scores (unchanged without a
+        :attr:`global_score`), before any per-group offset (:meth:`flag`)."""
+        if self.global_score is None or distance is None:
+            return np.asarray(tail)
+        return self.global_score.combine(tail, distance).astype(np.float32)
+
     def summarize(self, grid: Tensor) -> dict[str, Tensor]:
         """The per-image summary of a grid, with this model's image statistic."""
         return summarize(grid, self.geometry, self.image_score)
@@ -553,9 +590,11 @@ class Scorer(nn.Module):
     ) -> ScoredBatch:
         """Grid, summary and anomaly flag of a batch of same-size RGB uint8 images;
         ``groups``: each image's value of the calibration column (see :meth:`flag`)."""
-        grid = self.log_likelihood_grid(images)
+        grid, distance = self.grid_and_distance(images)
         with torch.inference_mode():
             host = {k: v.float().cpu().numpy() for k, v in self.summarize(grid).items()}
+        if distance is not None:
+            host["anomaly_score"] = self.combine(host["anomaly_score"], distance)
         host["anomaly_score"], flags, source = self.flag(host["anomaly_score"], groups)
         return ScoredBatch(
             grid=grid.float().cpu().numpy(),

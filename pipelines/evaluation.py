@@ -52,6 +52,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
+from flowcore.globalscore import GlobalScore
 from flowcore.scorer import (
     LEGACY_IMAGE_SCORE,
     STATISTICS,
@@ -536,6 +537,7 @@ class Evaluator:
         pixel_bins: int = 1 << 16,
         image_score: ImageScore = LEGACY_IMAGE_SCORE,
         calibration: Calibration | None = None,
+        global_score: GlobalScore | None = None,
     ) -> None:
         unknown = set(baselines) - set(BASELINES)
         if unknown:
@@ -550,6 +552,8 @@ class Evaluator:
         self._labels: list[int] = []
         self.image_score = image_score
         self.calibration = calibration
+        self.global_score = global_score
+        self._global: list[np.ndarray] = []
 
     def add(
         self,
@@ -560,11 +564,13 @@ class Evaluator:
         heights: int | Sequence[int],
         widths: int | Sequence[int],
         groups: Sequence[str | None] | None = None,
+        global_distance: np.ndarray | None = None,
     ) -> None:
         """One batch of N images: the flow's (N, gh, gw) log-likelihood grid, the (N, D, gh, gw)
         features it came from (scored by every baseline), labels (0 normal / 1 anomalous),
-        (H, W) boolean masks or None, each image's full-resolution height and width, and
-        (with a calibration) each image's value of the calibration column."""
+        (H, W) boolean masks or None, each image's full-resolution height and width, (with a
+        calibration) each image's value of the calibration column and (with a global score)
+        each image's global distance, which the flow's score joins as in the tables."""
         g = _host(flow_grid).astype(np.float32, copy=False)
         if g.ndim != 3:
             raise ValueError(f"flow grid must be (N, gh, gw), got shape {g.shape}")
@@ -596,6 +602,12 @@ class Evaluator:
                 # a two-sided score's centre and spread were fitted on the flow's held-out
                 # images: the flow's own score uses them, the baselines' stay one-sided
                 score = self.image_score.apply(torch.from_numpy(score)).numpy()
+                if self.global_score is not None:
+                    if global_distance is None or len(global_distance) != n:
+                        raise ValueError("a model with a global score needs each image's distance")
+                    dist = np.asarray(global_distance, np.float64)
+                    self._global.append(dist)
+                    score = self.global_score.combine(score, dist)
                 cal = self.calibration
                 if cal is not None and groups is not None:
                     off = [cal.offsets.get(g, 0.0) if g is not None else 0.0 for g in groups]
@@ -642,6 +654,9 @@ class Evaluator:
         for k, parts in self._flow_stats.items():
             v = np.concatenate(parts) if parts else np.zeros(0)
             by_statistic[k] = image_auroc(v, labels) if both else None
+        if self._global:  # the global distance alone, beside the tail statistics
+            v = np.concatenate(self._global)
+            by_statistic["global_distance"] = image_auroc(v, labels) if both else None
         return EvaluationResult(
             methods=out,
             images=len(labels),

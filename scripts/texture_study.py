@@ -90,6 +90,11 @@ def main() -> None:
         choices=("true", "false"),
         help="train on dequantised windows or not (default: the preset's)",
     )
+    ap.add_argument(
+        "--image-global",
+        choices=("true", "false"),
+        help="join the tail with the global distance or not (default: the preset's)",
+    )
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures to this file")
@@ -111,6 +116,8 @@ def main() -> None:
     spec = replace(spec, test_transforms=args.test_transforms)
     if args.dequantize:
         spec = replace(spec, dequantize=args.dequantize == "true")
+    if args.image_global:
+        spec = replace(spec, image_global=args.image_global == "true")
     train, val, test = render_views(args.texture, args.seed)
     state = None
     if isinstance(spec.featurizer, CNNConfig):
@@ -166,7 +173,8 @@ def main() -> None:
         print("  auto:", scorer.training_stats["image_statistic_choice"])
     print(
         f"{args.texture} {args.preset} {changes or ''} {args.fit or ''} "
-        f"dequantize={spec.dequantize} grid {gt.shape[1:]} fit {fit_s:.0f} s"
+        f"dequantize={spec.dequantize} image_global={spec.image_global} "
+        f"grid {gt.shape[1:]} fit {fit_s:.0f} s"
     )
     for name, s in stats.items():
         row = {}

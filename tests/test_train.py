@@ -141,9 +141,14 @@ def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     monkeypatch.setenv("FLOWSCORE_HOME", str(root / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # the second version also trains on synthetic anomalies through Ray Train (rows labelled
-    # by the data tasks, the hinge in the workers) and picks its image statistic on them
+    # by the data tasks, the hinge in the workers) and picks its image statistic on them; it
+    # also fits the global score on the training images that Ray Data decodes
     cfg = root / "synthetic.toml"
-    cfg.write_text('image_statistic = "auto"\n' + TINY_SPEC + "synthetic_anomalies = true\n")
+    cfg.write_text(
+        'image_statistic = "auto"\nimage_global = true\n'
+        + TINY_SPEC
+        + "synthetic_anomalies = true\n"
+    )
     assert _train(str(archive), "grain-test", cfg, "--no-promote", "--max-epochs", "2") == 0
     assert tracking.resolve_model("models:/grain-test@champion").version == "1"
     second = tracking.resolve_model("models:/grain-test/2")
@@ -153,6 +158,13 @@ def test_second_version_moves_champion_unless_no_promote(trained, monkeypatch):
     choice = stats["image_statistic_choice"]
     assert choice["chosen"] in choice["auroc_by_candidate"] and choice["anomalous_images"] > 0
     assert np.isfinite(stats["best_val_nll"])
+    scorer = load_bundle(second.path)
+    assert scorer.global_score is not None and scorer.global_score.components >= 1
+    img = decode_image(read_bytes(next(iter(list_archive(str(archive)))).image_uri)).rgb
+    sb = scorer.score(img[None])
+    tail = float(scorer.summarize(torch.as_tensor(sb.grid))["anomaly_score"][0])
+    gs = scorer.global_score
+    assert float(sb.summary["anomaly_score"][0]) >= (tail - gs.tail_centre) / gs.tail_spread - 1e-4
 
 
 @pytest.mark.ray

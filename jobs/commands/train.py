@@ -53,7 +53,9 @@ def register(sub: Subparsers, parents: Parents) -> None:
         help="override any spec field: top-level keys windows_per_image, basis_rows, "
         "threshold_quantile, val_fraction, dequantize, seed, image_statistic (a statistic, "
         'or "auto": chosen on held-out images and synthetic anomalies), image_k, '
-        "defect_fraction, calibrate_by; tables [featurizer], [flow], [fit] (there, "
+        "defect_fraction, image_two_sided, image_global (true: the image score also sees "
+        "changes over the whole image, such as rotation, zoom or contrast; grain-fine's "
+        "default), calibrate_by; tables [featurizer], [flow], [fit] (there, "
         "synthetic_anomalies = true trains on made-up defects too; synthetic_weight, "
         "synthetic_margin, synthetic_rows tune it)",
     )

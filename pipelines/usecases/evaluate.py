@@ -226,6 +226,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         scorer.geometry,
         image_score=scorer.image_score,
         calibration=scorer.calibration,
+        global_score=scorer.global_score,
     )
     both = req.precision == "both"
     try:
@@ -236,7 +237,11 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         raise EvalUsageError(f"--precision: {err} (or both)") from err
     scorer.set_precision(precision)
     low = Evaluator(
-        {}, scorer.geometry, image_score=scorer.image_score, calibration=scorer.calibration
+        {},
+        scorer.geometry,
+        image_score=scorer.image_score,
+        calibration=scorer.calibration,
+        global_score=scorer.global_score,
     )
     tally = PrecisionTally()
     gradient_pixels = PixelAUROC() if req.heatmap == "gradient" else None
@@ -260,11 +265,16 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
         heights = [img.shape[0] for _, img in pending]
         widths = [img.shape[1] for _, img in pending]
 
-        def add(ev: Evaluator, feats: torch.Tensor, grid: torch.Tensor) -> None:
+        def add(ev: Evaluator, feats: torch.Tensor, grid: torch.Tensor) -> np.ndarray | None:
             f, g = feats.float().cpu().numpy(), grid.float().cpu().numpy()
-            ev.add(g, f, labs, masks, heights, widths, groups)
+            dist = None
+            if scorer.global_score is not None:
+                with torch.inference_mode():
+                    dist = scorer.global_score.distance(feats).cpu().numpy()
+            ev.add(g, f, labs, masks, heights, widths, groups, global_distance=dist)
+            return dist
 
-        add(evaluator, feats, grid)
+        distance = add(evaluator, feats, grid)
         if gradient_pixels is not None:  # the gradient map's pixels, same truth as the flow's
             gmap = gradient_map(scorer, imgs).cpu().numpy()
             for k in range(len(pending)):
@@ -272,7 +282,7 @@ def run_evaluate(req: EvalRequest, log: Log) -> EvalOutcome:
                     continue  # anomalous, location unknown: no pixel ground truth
                 amap = heatmap_to_image(gmap[k], scorer.geometry, heights[k], widths[k])
                 gradient_pixels.add(amap.numpy(), masks[k])
-        raw = scorer.summarize(grid)["anomaly_score"].cpu().numpy()
+        raw = scorer.combine(scorer.summarize(grid)["anomaly_score"].cpu().numpy(), distance)
         flow_scores.extend(scorer.flag(raw, groups)[0].tolist())
         if both:  # the same images in bf16, beside fp32
             scorer.set_precision("bf16")

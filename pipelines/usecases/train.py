@@ -229,10 +229,12 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     from flowcore.bundle import load_bundle, save_bundle
     from flowcore.fit import (
         AUTO_STATISTIC,
+        GLOBAL_MAX_TRAIN_IMAGES,
         balance_recon,
         calibrate,
         choice_copies,
         choose_image_score,
+        fit_global_score,
         spec_to_dict,
     )
     from flowcore.precision import check_precision
@@ -269,6 +271,12 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
     entries = select_images(req, log)
     train, val = training_split(entries, spec.val_fraction, spec.seed)
     log(f"split: {len(train)} training images, {len(val)} held out whole for validation")
+    if spec.image_global and len(train) < 3:
+        raise TrainUsageError(
+            f"archive {req.archive}: image_global (the global score; on by default in "
+            f"{req.preset}) needs at least 3 training images, got {len(train)}; add images "
+            "or set image_global = false in --config"
+        )
 
     job_dir = _job_dir(req.name, req.settings)
     state = _read_state(job_dir)
@@ -384,6 +392,21 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             scorer.image_score = choice.image_score
             table = ", ".join(f"{k} {v:.3f}" for k, v in choice.aurocs.items())
             log(f"image statistic: {choice.chosen} (AUROC on synthetic anomalies: {table})")
+        if spec.image_global:
+            n_fit = min(len(train), GLOBAL_MAX_TRAIN_IMAGES)
+            log(
+                f"global score: the texture statistics of {n_fit} training and {len(val)} "
+                "held-out images"
+            )
+            scorer.global_score = fit_global_score(
+                scorer,
+                (img for _, img in iter_images(train[:n_fit])),
+                (img for _, img in iter_images(val)),
+            )
+            log(
+                f"global score: a Gaussian on {scorer.global_score.components} components; "
+                "anomaly_score = the larger of the tail and the global distance, standardised"
+            )
         log(f"calibrating on the {len(val)} held-out images, scored whole")
         kept: list[tuple[str, np.ndarray]] = []
         column_of = {e.path: e.columns for e in val}
