@@ -38,6 +38,7 @@ from flowcore.fit import (
     ScorerSpec,
     anomaly_rows,
     basis_sample,
+    constant_dimensions_warning,
     feature_rows,
     fit_featurizer,
     image_generator,
@@ -197,6 +198,9 @@ def fit_featurizer_on_ray(
     if rows.shape[0] < 2:
         raise ValueError("no training image could be decoded; nothing to fit")
     log(f"featurizer: fitting on {rows.shape[0]} rows from {len(train)} images")
+    warning = constant_dimensions_warning(spec, torch.from_numpy(rows))
+    if warning:
+        log(f"warning: {warning}")
     feat = fit_featurizer(spec, torch.from_numpy(rows), backbone_state=backbone_state)
     return feat.eval()
 

@@ -14,6 +14,7 @@ from flowcore.fit import (
     ConfigError,
     apply_overrides,
     basis_sample,
+    constant_dimensions_warning,
     feature_rows,
     fit_featurizer,
     image_generator,
@@ -144,3 +145,15 @@ def test_a_model_without_reduction_gets_no_dimension_that_never_varies_from_grey
         rows = feature_rows(feat, replace(spec, dequantize=dq), grey, 400, torch.Generator())
         spread[dq] = float(rows.std(0).min())
     assert spread[True] > 0.1 and spread[False] < 0.01, spread
+    # a user who turns the noise off on such images is warned at fit time, naming the fix
+    rows = basis_sample(spec, grey, 500, torch.Generator().manual_seed(0))
+    exact = replace(spec, dequantize=False)
+    warning = constant_dimensions_warning(exact, rows)
+    assert warning is not None and "50 of the 75 window dimensions" in warning
+    assert "dequantize = true" in warning
+    assert constant_dimensions_warning(spec, rows) is None  # dequantised: nothing to say
+    # a model that keeps only the dimensions that vary is fine on exact windows
+    reduced = replace(exact, featurizer=replace(exact.featurizer, components=20))
+    assert constant_dimensions_warning(reduced, rows) is None
+    colour = basis_sample(spec, texture(6, 96, 96, 4), 500, torch.Generator().manual_seed(0))
+    assert constant_dimensions_warning(exact, colour) is None
