@@ -393,14 +393,18 @@ def run_train(req: TrainRequest, log: Log) -> TrainOutcome:
             table = ", ".join(f"{k} {v:.3f}" for k, v in choice.aurocs.items())
             log(f"image statistic: {choice.chosen} (AUROC on synthetic anomalies: {table})")
         if spec.image_global:
-            n_fit = min(len(train), GLOBAL_MAX_TRAIN_IMAGES)
+            # at most GLOBAL_MAX_TRAIN_IMAGES, spread evenly over the (path-sorted) images, so
+            # that every year and camera of a large archive is in the sample
+            step = -(-len(train) // GLOBAL_MAX_TRAIN_IMAGES)
+            sample = train[::step]
+            n_fit = len(sample)
             log(
                 f"global score: the texture statistics of {n_fit} training and {len(val)} "
                 "held-out images"
             )
             scorer.global_score = fit_global_score(
                 scorer,
-                (img for _, img in iter_images(train[:n_fit])),
+                (img for _, img in iter_images(sample)),
                 (img for _, img in iter_images(val)),
             )
             log(
